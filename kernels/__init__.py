@@ -1,0 +1,1 @@
+"""blip3v.kernels"""

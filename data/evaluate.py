@@ -1,0 +1,49 @@
+"""Exact-match evaluation of any backend on a synthetic QA folder (`qa.jsonl` + clips).
+
+A backend is anything with `load_video(path) -> (T, 3, S, S)`, `answer_batch(pixels, questions,
+sampling) -> list[list[int]]` and `decode(ids) -> str`: the PyTorch backend and the runtime's
+exported-engine backends alike, so their answers are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from blip3v.data.synth import normalise_answer, read_dataset
+from blip3v.runtime.generation import SamplingConfig
+
+
+def evaluate(backend, data_dir: str | Path, batch_size: int = 16, limit: int | None = None,
+             progress: bool = True, max_new_tokens: int = 8) -> dict:
+    """-> {"accuracy", "per_category", "n", "seconds", "predictions"} (greedy decoding)."""
+    from tqdm import tqdm
+
+    rows = read_dataset(data_dir)[:limit]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    predictions = []
+    bar = tqdm(total=len(rows), disable=not progress, desc="eval", unit="clip")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        pixels = np.stack([backend.load_video(r["path"]) for r in chunk])  # (B, T, 3, S, S)
+        outputs = backend.answer_batch(pixels, [r["question"] for r in chunk], sampling)
+        for r, ids in zip(chunk, outputs):
+            predictions.append({"video": r["video"], "question": r["question"], "category": r["category"],
+                                "answer": r["answer"], "prediction": backend.decode(ids)})
+        bar.update(len(chunk))
+    bar.close()
+    per: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        per[p["category"]].append(normalise_answer(p["prediction"]) == normalise_answer(p["answer"]))
+    hits = [h for v in per.values() for h in v]
+    return {
+        "accuracy": float(np.mean(hits)) if hits else 0.0,
+        "per_category": {k: float(np.mean(v)) for k, v in sorted(per.items())},
+        "n": len(predictions),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "predictions": predictions,
+    }

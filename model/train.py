@@ -91,6 +91,26 @@ class SynthStream(IterableDataset):
             yield pixels, ex.question, ex.answer, ex.category
 
 
+class FolderStream(IterableDataset):
+    """Endless passes over a `blip3v data synth` folder, clips decoded through the runtime's video path."""
+
+    def __init__(self, data_dir: str | Path, num_frames: int, image_size: int, seed: int, start: int = 0):
+        self.rows = synth.read_dataset(data_dir)
+        self.num_frames, self.image_size, self.seed, self.start = num_frames, image_size, seed, start
+
+    def __iter__(self):
+        from blip3v.runtime.video import load_clip
+
+        rng = np.random.default_rng(self.seed)
+        i = 0
+        while True:
+            for j in rng.permutation(len(self.rows)):
+                if i >= self.start:
+                    r = self.rows[j]
+                    yield load_clip(r["path"], self.num_frames, self.image_size), r["question"], r["answer"], r["category"]
+                i += 1
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -132,8 +152,11 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
-          log=print) -> dict:
-    """Trains (or resumes) `preset` into `out`; returns the final training summary."""
+          log=print, data: str | Path | None = None) -> dict:
+    """Trains (or resumes) `preset` into `out`; returns the final training summary.
+
+    Clips come from the generator on the fly (seeds from TRAIN_SEED_BASE), or from the folder
+    `data` written by `blip3v data synth`."""
     if preset not in TASK_PRESETS:
         raise InputError(f"unknown training preset {preset!r}; known: {', '.join(TASK_PRESETS)}")
     out = Path(out)
@@ -156,8 +179,11 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-    stream = SynthStream(TRAIN_SEED_BASE + tc.seed, cfg.num_frames, cfg.image_size, tc.noise,
-                         start=start * tc.batch_size)
+    if data is not None:
+        stream = FolderStream(data, cfg.num_frames, cfg.image_size, tc.seed, start=start * tc.batch_size)
+    else:
+        stream = SynthStream(TRAIN_SEED_BASE + tc.seed, cfg.num_frames, cfg.image_size, tc.noise,
+                             start=start * tc.batch_size)
     loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=1, worker_init_fn=_worker_init,
                         collate_fn=lambda b: collate(b, cfg, tokenizer), prefetch_factor=4)
     from tqdm import tqdm

@@ -14,7 +14,8 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Checkpoint directory (released layout). Re-running resumes from trainer_state.pt.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Not needed: by default clips are generated on the fly from held-apart training seeds.")
+              help="Train on a folder from `blip3v data synth`. Default: clips generated on the fly "
+                   "from training seeds (>= 1,000,000) that evaluation seeds never use.")
 @click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Clips per step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -26,14 +27,11 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def command(preset, out, data, steps, batch_size, lr, seed, save_every, quiet, as_json) -> None:
     """Train PRESET into OUT on synthetic video QA (answer-only loss), resumably."""
-    from blip3v.errors import InputError
     from blip3v.model.train import TrainConfig, train
 
-    if data is not None:
-        raise InputError("--data: training reads the generator directly; use `blip3v eval --data` for held-out sets")
     summary = train(preset, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                               save_every=save_every), progress=not quiet,
-                    log=lambda m: click.echo(m, err=True))
+                    log=lambda m: click.echo(m, err=True), data=data)
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     else:

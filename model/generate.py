@@ -75,7 +75,7 @@ def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mas
                 on_token(row, tok)
         if done.all():
             break
-        next_ids = torch.from_numpy(tokens).view(batch, 1)
+        next_ids = torch.from_numpy(tokens).view(batch, 1).to(inputs_embeds.device)
         next_embeds = model.embed_tokens(next_ids).to(inputs_embeds.dtype)  # (B, 1, D)
         next_pos = positions[:, -1:] + 1
         positions = torch.cat([positions, next_pos], dim=1)
@@ -88,20 +88,45 @@ def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mas
     return out
 
 
-class TorchBackend:
-    """Checkpoint -> answers, on the PyTorch reference model."""
+DECODERS = ("auto", "reference", "static")
 
-    def __init__(self, model: XGenMMVideoModel, tokenizer, device: str = "cpu"):
+
+class TorchBackend:
+    """Checkpoint -> answers, on the PyTorch reference model.
+
+    `decoder="reference"` generates through transformers' DynamicCache (`generate` above);
+    `"static"` through `FastDecoder` (static KV buffers, CUDA-graph step, Triton kernels, optional
+    INT4 weights); `"auto"` picks static on CUDA and reference elsewhere.
+    """
+
+    def __init__(self, model: XGenMMVideoModel, tokenizer, device: str = "cpu", *, decoder: str = "auto",
+                 weights: str = "dense", group_size: int = 128, max_batch: int = 16):
         check_tokenizer(model.config, tokenizer)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: this PyTorch build sees no CUDA GPU")
+        if device not in ("cpu", "cuda"):
+            raise InputError(f"the PyTorch backend runs on cpu or cuda, not {device!r}")
+        if decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {', '.join(DECODERS)}")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = model.config
         self.device = device
         self.stop_ids = stop_token_ids(self.cfg)
+        if decoder == "auto":
+            decoder = "static" if device == "cuda" or weights != "dense" else "reference"
+        self.fast = None
+        if decoder == "static":
+            from blip3v.model.fast_decode import FastDecoder
+
+            self.fast = FastDecoder(self.model, max_batch=max_batch, weights=weights, group_size=group_size)
+        elif weights != "dense":
+            raise InputError("--weights int4 needs the static decoder (--decoder static or auto)")
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "TorchBackend":
-        return cls(load_checkpoint(directory, dtype=dtype), load_tokenizer(directory), device)
+    def load(cls, directory: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             **options) -> "TorchBackend":
+        return cls(load_checkpoint(directory, dtype=dtype), load_tokenizer(directory), device, **options)
 
     def load_video(self, path: str | Path) -> np.ndarray:
         """(T, 3, S, S) float32 through the shared runtime video path."""
@@ -135,7 +160,10 @@ class TorchBackend:
             if on_token is not None:
                 on_token(row, tok)
 
-        out = generate(self.model, embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
+        if self.fast is not None:
+            out = self.fast.generate(embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
+        else:
+            out = generate(self.model, embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
         t2 = time.perf_counter()
         if timings is not None:
             timings["visual"] = (t1 - t0) * 1e3

@@ -11,6 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Triton kernels run in its CPU interpreter where there is no GPU; the flag must be set before the
+# first `import triton` (transformers imports it), so it is set here, before any test module loads.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def spread_init_(model) -> None:
     """Re-initialises matrices at unit gain (std 1/sqrt(fan_in)): transformers' 0.02 init makes a

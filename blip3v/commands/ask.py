@@ -27,7 +27,22 @@ def sampling_options(f):
     return f
 
 
-def open_backend(model: str | None, engine: str | None, backend: str | None, device: str):
+def torch_options(f):
+    """Options of the PyTorch backend's decoder (ignored by the engine backends)."""
+    f = click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), default="128", show_default=True,
+                     help="INT4 quantization group size along the input dimension.")(f)
+    f = click.option("--weights", type=click.Choice(["dense", "int4"]), default="dense", show_default=True,
+                     help="Decoder weights: dense, or INT4 weight-only (round-to-nearest) for the static decoder.")(f)
+    f = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                     help="PyTorch backend dtype. Default: fp32 on cpu, fp16 on cuda.")(f)
+    f = click.option("--decoder", type=click.Choice(["auto", "reference", "static"]), default="auto", show_default=True,
+                     help="PyTorch decoder: transformers' DynamicCache (reference) or static KV buffers with a "
+                          "CUDA-graph step (static). auto = static on cuda or with --weights int4.")(f)
+    return f
+
+
+def open_backend(model: str | None, engine: str | None, backend: str | None, device: str,
+                 dtype: str | None = None, decoder: str = "auto", weights: str = "dense", group_size: str = "128"):
     """Resolves --model/--engine/--backend into a backend object with `.ask(...)`."""
     from blip3v.errors import InputError
 
@@ -38,10 +53,17 @@ def open_backend(model: str | None, engine: str | None, backend: str | None, dev
     if backend == "torch":
         if engine:
             raise InputError("--backend torch runs a checkpoint: use --model DIR, not --engine")
+        import torch
+
         from blip3v.assets import DEMO_MODEL
         from blip3v.model.generate import TorchBackend
 
-        return TorchBackend.load(model or DEMO_MODEL, device=device)
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            dtype or ("fp16" if device == "cuda" else "fp32")]
+        return TorchBackend.load(model or DEMO_MODEL, device=device, dtype=torch_dtype, decoder=decoder,
+                                 weights=weights, group_size=int(group_size))
+    if weights != "dense" or dtype is not None:
+        raise InputError("--weights/--dtype apply to the PyTorch backend; an engine's precision is fixed at export")
     if not engine:
         raise InputError(f"--backend {backend} runs an exported engine: give --engine DIR (see `blip3v export`)")
     if backend == "onnxruntime":
@@ -64,11 +86,12 @@ def open_backend(model: str | None, engine: str | None, backend: str | None, dev
               help="Inference backend. Default: torch with --model, onnxruntime with --engine.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="Where to run: cpu, cuda, or (onnxruntime only) the TensorRT execution provider.")
+@torch_options
 @sampling_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print {answer, video_tokens, timings_ms} as JSON instead of streaming text.")
-def command(video: Path, question: str, model, engine, backend, device, max_new_tokens, temperature,
-            top_p, seed, as_json: bool) -> None:
+def command(video: Path, question: str, model, engine, backend, device, decoder, dtype, weights, group_size,
+            max_new_tokens, temperature, top_p, seed, as_json: bool) -> None:
     """Answer QUESTION about VIDEO (mp4/mkv/webm/avi/ts/gif or a still image).
 
     \b
@@ -80,7 +103,7 @@ def command(video: Path, question: str, model, engine, backend, device, max_new_
     from blip3v.runtime.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    runner = open_backend(model, engine, backend, device)
+    runner = open_backend(model, engine, backend, device, dtype, decoder, weights, group_size)
     if as_json:
         result = runner.ask(video, question, sampling)
         click.echo(json.dumps({

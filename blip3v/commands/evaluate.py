@@ -6,7 +6,7 @@ import json
 
 import click
 
-from blip3v.commands.ask import BACKENDS, open_backend
+from blip3v.commands.ask import BACKENDS, open_backend, torch_options
 
 
 @click.command("eval")
@@ -17,17 +17,18 @@ from blip3v.commands.ask import BACKENDS, open_backend
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Default: torch, or onnxruntime with --engine.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="Where to run.")
+@torch_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Clips per batch.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N clips.")
 @click.option("--predictions", type=click.Path(dir_okay=False), default=None,
               help="Also write every prediction to this JSONL file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"accuracy", "per_category", "n", "seconds"} as JSON.')
-def command(data, model, engine, backend, device, batch_size, limit, predictions, quiet, as_json) -> None:
+def command(data, model, engine, backend, device, decoder, dtype, weights, group_size, batch_size, limit, predictions, quiet, as_json) -> None:
     """Greedy answers on every clip of DATA, scored by exact match (overall and per category)."""
     from blip3v.data.evaluate import evaluate
 
-    runner = open_backend(model, engine, backend, device)
+    runner = open_backend(model, engine, backend, device, dtype, decoder, weights, group_size)
     result = evaluate(runner, data, batch_size=batch_size, limit=limit, progress=not quiet)
     if predictions:
         with open(predictions, "w") as f:

@@ -391,10 +391,15 @@ def _example_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
 
 
-def example_stream(seed: int, **kw: Any) -> Iterator[Example]:
+def example_at(seed: int, index: int, **kw: Any) -> Example:
+    """The `index`-th example of `seed`'s stream, without drawing the ones before it."""
+    return sample_example(_example_rng(seed, index), **kw)
+
+
+def example_stream(seed: int, start: int = 0, **kw: Any) -> Iterator[Example]:
     """Endless examples, deterministic by seed; the i-th equals the i-th clip of `write_dataset`."""
-    for i in itertools.count():
-        yield sample_example(_example_rng(seed, i), **kw)
+    for i in itertools.count(start):
+        yield example_at(seed, i, **kw)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 12, crf: int = 16) -> None:

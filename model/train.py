@@ -80,10 +80,8 @@ class SynthStream(IterableDataset):
         self.seed, self.num_frames, self.image_size, self.noise, self.start = seed, num_frames, image_size, noise, start
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed + 7)
-        for i, ex in enumerate(synth.example_stream(self.seed, model_frames=self.num_frames)):
-            if i < self.start:
-                continue
+        rng = np.random.default_rng((self.seed, self.start))  # pixel noise, reproducible on resume
+        for ex in synth.example_stream(self.seed, start=self.start, model_frames=self.num_frames):
             frames = ex.frames[frame_indices(len(ex.frames), self.num_frames)]  # (T, H, W, 3)
             pixels = preprocess(frames, self.image_size)  # (T, 3, S, S)
             if self.noise:

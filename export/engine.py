@@ -1,0 +1,466 @@
+"""Checkpoint -> engine directory for ONNX Runtime (and later TensorRT):
+
+    visual.onnx        pixel_values (B, T, 3, S, S) -> video_tokens (B, M, D)
+    decoder.onnx       inputs_embeds + mask + positions + in-place KV buffers -> last logits (B, V+3)
+    embed_tokens.npy   (additional_vocab_start + 3, D): Phi-3 rows then xGen-MM's extra rows, by token id
+    tokenizer.json     the checkpoint's fast tokenizer
+    manifest.json      the contract with the runtime (blip3v.runtime.manifest), written last
+
+Graphs go through `torch.onnx.export(dynamo=True)` (torch.export + onnxscript; the TorchScript
+exporter still works in torch 2.13 and is ~10x faster on tiny models, but it is deprecated and
+frozen). Each graph is checked right after export against the PyTorch reference on fresh random
+inputs: the visual path on random pixels, the decoder on a left-padded batch for a prefill and
+several cached decode steps (reference: the model's own `decoder` with a transformers cache).
+Everything is written into a temporary sibling folder and renamed into place when complete.
+
+    from blip3v.export.engine import export_engine
+    export_engine(model, tokenizer, "engines/demo")          # or: blip3v export --model DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blip3v import __version__
+from blip3v.errors import EngineError, InputError
+from blip3v.export.graphs import ATTENTION, DecoderGraph, VisualGraph
+from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
+from blip3v.model.xgenmm import XGenMMVideoModel
+from blip3v.runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, file_entries, write_manifest
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# Max abs difference to the float32 PyTorch reference. fp16 rounds every weight and activation
+# (10-bit mantissa), so its bound is relative to the output's scale: tol * max(1, max |ref|).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+DEFAULT_OPSET = 18  # torch 2.13's torchlib opset; TensorRT 10 parses it
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to NAME.onnx.data (protobuf's 2 GB cap)
+VALIDATION_STEPS = 4  # cached decode steps checked after the prefill
+VALIDATION_SEED = 20241021  # not the seed of the tracing inputs: validation sees fresh inputs
+
+VISUAL, DECODER, EMBEDDINGS, TOKENIZER = "visual.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json"
+KV_TEMPLATES = {"past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
+                "present_key": "present_key.{layer}", "present_value": "present_value.{layer}"}
+
+Log = Callable[[str], None]
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"blip3v": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+def _require_onnxscript() -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+    except ModuleNotFoundError:
+        raise InputError("exporting needs the onnxscript package: pip install 'blip3v[export]'") from None
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+             dynamic_shapes: dict[str, Any], opset: int, translations: dict | None = None) -> list[str]:
+    """torch.onnx.export(dynamo=True) -> the file names written (the graph, maybe its external data)."""
+    external = _param_bytes(module) > EXTERNAL_DATA_BYTES
+    # The exporter prints progress to stdout and warns about torchvision/deprecations: keep stdout
+    # clean for `--json` and let our own stage lines be the progress report.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
+                                    verbose=False, optimize=True, custom_translation_table=translations)
+        program.save(str(path), external_data=external)
+    names = [path.name]
+    if (path.parent / (path.name + ".data")).is_file():
+        names.append(path.name + ".data")
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> float:
+    """Max abs difference of `got` to the reference; raises naming the output when out of tolerance."""
+    if got.shape != ref.shape:
+        raise EngineError(f"export check failed: {name} has shape {got.shape}, the reference {ref.shape}")
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
+    bound = TOLERANCE[precision] * (1.0 if precision == "fp32" else max(1.0, float(np.abs(ref).max())))
+    if not np.isfinite(diff) or diff > bound:
+        raise EngineError(f"export check failed: {name} differs from the PyTorch reference by max abs "
+                          f"{diff:.3g} (tolerance {bound:.3g} for {precision})")
+    return diff
+
+
+# ----------------------------------------------------------------------------------- visual
+
+
+def export_visual(model: XGenMMVideoModel, path: Path, frames: int, opset: int) -> list[str]:
+    cfg = model.config
+    size = cfg.image_size
+    dtype = next(model.parameters()).dtype
+    example = torch.randn(2, frames, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return _to_onnx(VisualGraph(model).eval(), (example,), path, ["pixel_values"], ["video_tokens"],
+                    {"pixel_values": {0: batch}}, opset)
+
+
+def visual_golden(model: XGenMMVideoModel, frames: int, batch: int = 2) -> dict[str, np.ndarray]:
+    """Fresh random pixels and the float32 reference's video tokens for them."""
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    size = model.config.image_size
+    pixels = torch.randn(batch, frames, 3, size, size, generator=g)
+    with torch.inference_mode():
+        tokens = model.float().encode_video(pixels)
+    return {"pixel_values": pixels.numpy(), "video_tokens": tokens.numpy()}
+
+
+def check_visual(path: Path, golden: dict[str, np.ndarray], precision: str, dtype: np.dtype) -> float:
+    out = _session(path).run(["video_tokens"], {"pixel_values": golden["pixel_values"].astype(dtype)})[0]
+    return _check("visual.onnx output video_tokens", out.astype(np.float32), golden["video_tokens"], precision)
+
+
+# ----------------------------------------------------------------------------------- decoder
+
+
+def _decoder_io(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [KV_TEMPLATES["past_key"].format(layer=i), KV_TEMPLATES["past_value"].format(layer=i)]
+        outputs += [KV_TEMPLATES["present_key"].format(layer=i), KV_TEMPLATES["present_value"].format(layer=i)]
+    return inputs, outputs
+
+
+def decoder_example(graph: DecoderGraph, dtype: torch.dtype, capacity: int = 9,
+                    past_len: int = 2) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Tracing inputs and their dynamic axes: batch 2, S=3 new tokens after `past_len` cached ones
+    in a `capacity`-slot buffer; all distinct sizes so torch.export keeps every one symbolic."""
+    b, s = 2, 3
+    d = graph.layers[0].self_attn.o_proj.out_features
+    n = len(graph.layers)
+    embeds = torch.randn(b, s, d).to(dtype)
+    mask = torch.ones(b, past_len + s, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + s).expand(b, s).contiguous()
+    past = tuple(torch.zeros(b, graph.num_kv_heads, capacity, graph.head_dim, dtype=dtype) for _ in range(2 * n))
+    B, S, L, C = (torch.export.Dim(name, min=1, max=1 << 20) for name in ("batch", "sequence", "total", "capacity"))
+    dynamic = {"inputs_embeds": {0: B, 1: S}, "attention_mask": {0: B, 1: L}, "position_ids": {0: B, 1: S},
+               "past": tuple({0: B, 2: C} for _ in range(2 * n))}
+    return (embeds, mask, positions, *past), dynamic
+
+
+def export_decoder(model: XGenMMVideoModel, path: Path, opset: int, attention: str = "gqa",
+                   graph_cls: type[DecoderGraph] = DecoderGraph) -> list[str]:
+    from blip3v.export.gqa import translation_table
+
+    graph = graph_cls(model, attention=attention).eval()
+    args, dynamic = decoder_example(graph, next(model.parameters()).dtype)
+    inputs, outputs = _decoder_io(len(graph.layers))
+    return _to_onnx(graph, args, path, inputs, outputs, dynamic, opset,
+                    translation_table() if attention == "gqa" else None)
+
+
+def decoder_golden(model: XGenMMVideoModel, steps: int = VALIDATION_STEPS, prompt: int = 7,
+                   pad: int = 3) -> dict[str, Any]:
+    """A left-padded batch of 2 (row 1 has `pad` padding slots) of real token embeddings: a prefill and
+    `steps` decode steps through the float32 reference with a transformers DynamicCache.
+    -> {"embeds": [(B, S, D) per call], "logits": [(B, V+3) per call]}."""
+    from transformers import DynamicCache
+
+    model = model.float()
+    g = torch.Generator().manual_seed(VALIDATION_SEED + 1)
+    vocab = model.config.num_logits
+    b = 2
+    mask = torch.ones(b, prompt, dtype=torch.long)
+    mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.vlm.lang_model.config)
+    calls, logits = [], []
+    with torch.inference_mode():
+        embeds = model.embed_tokens(torch.randint(0, vocab, (b, prompt), generator=g))
+        step_pos = positions
+        for _ in range(steps + 1):
+            out, _ = model.decoder(embeds, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                                   use_cache=True)
+            calls.append(embeds.numpy().copy())
+            logits.append(out[:, -1].numpy().copy())
+            embeds = model.embed_tokens(torch.randint(0, vocab, (b, 1), generator=g))
+            step_pos = positions[:, -1:] + 1
+            positions = torch.cat([positions, step_pos], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+    return {"embeds": calls, "logits": logits, "mask": mask.numpy(), "prompt": prompt}
+
+
+def check_decoder(path: Path, golden: dict[str, Any], precision: str, dtype: np.dtype,
+                  kv_heads: int, head_dim: int, num_layers: int) -> float:
+    """Runs the golden calls through the graph, feeding each call's presents back as the next pasts."""
+    sess = _session(path)
+    inputs, outputs = _decoder_io(num_layers)
+    b = golden["embeds"][0].shape[0]
+    full_mask = golden["mask"].astype(np.int64)  # (B, prompt + steps + 1)
+    capacity = full_mask.shape[1] + 2  # spare slots: never written, must never be read
+    cache = [np.full((b, kv_heads, capacity, head_dim), 1e4, dtype) for _ in range(2 * num_layers)]
+    positions = np.clip(full_mask.cumsum(-1) - 1, 0, None)
+    used, worst = 0, 0.0
+    for step, (embeds, ref) in enumerate(zip(golden["embeds"], golden["logits"])):
+        s = embeds.shape[1]
+        feed = {"inputs_embeds": embeds.astype(dtype), "attention_mask": full_mask[:, :used + s],
+                "position_ids": positions[:, used:used + s]}
+        feed.update(zip(inputs[3:], cache))
+        result = sess.run(outputs, feed)
+        cache = result[1:]
+        used += s
+        label = "prefill" if step == 0 else f"decode step {step}"
+        worst = max(worst, _check(f"decoder.onnx output logits ({label})", result[0].astype(np.float32), ref, precision))
+    return worst
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+
+PROBE_QUESTIONS = ("what colour does the square turn?", "Which way does the circle move, left or right?",
+                   "How many  triangles are there? 3, 4 or 5!")
+
+
+def export_tokenizer(model: XGenMMVideoModel, tokenizer, directory: Path) -> None:
+    """Writes tokenizer.json and checks the torch-free PromptTokenizer against the checkpoint's."""
+    from blip3v.runtime.tokenizer import PromptTokenizer
+
+    cfg = model.config
+    check_tokenizer(cfg, tokenizer)
+    scratch = directory / ".tokenizer"
+    tokenizer.save_pretrained(str(scratch))
+    if not (scratch / TOKENIZER).is_file():
+        raise EngineError(f"the checkpoint's tokenizer ({type(tokenizer).__name__}) writes no {TOKENIZER}; "
+                          "an engine needs a fast tokenizer")
+    os.replace(scratch / TOKENIZER, directory / TOKENIZER)
+    shutil.rmtree(scratch)
+    fast = PromptTokenizer(directory / TOKENIZER, cfg.prompt_template, cfg.system_prompt, cfg.special_token_ids)
+    for q in PROBE_QUESTIONS:
+        want = encode_prompt(cfg, tokenizer, q)
+        got = fast.encode_prompt(q)
+        if got != want:
+            raise EngineError(f"{TOKENIZER} encodes the prompt differently from the checkpoint's tokenizer "
+                              f"(question {q!r})")
+        text = tokenizer.decode(want, skip_special_tokens=True).strip()
+        if fast.decode(want) != text:
+            raise EngineError(f"{TOKENIZER} decodes differently from the checkpoint's tokenizer ({text!r})")
+
+
+def embedding_table(model: XGenMMVideoModel, dtype: np.dtype) -> np.ndarray:
+    """(additional_vocab_start + 3, D): row i is what DecoupledEmbedding gives token id i."""
+    emb = model.vlm.lang_model.model.embed_tokens
+    start = model.config.additional_vocab_start
+    base = emb.weight.detach()[:start].float().numpy()
+    extra = emb.additional_embedding.weight.detach().float().numpy()
+    return np.concatenate([base, extra]).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------- engine
+
+
+def _prepare_out(out: Path) -> Path:
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise InputError(f"{out} exists and is not an engine directory; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the engine is an ordinary directory
+    return tmp
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames: int | None = None,
+                  precision: str = "fp32", opset: int = DEFAULT_OPSET, max_context: int | None = None,
+                  attention: str = "gqa", source: str = "", log: Log | None = None) -> dict[str, Any]:
+    """Exports, validates and writes an engine directory; returns the manifest.
+
+    `model` must be float32 (the reference); for fp16 it is cast in place after the reference
+    outputs are taken. `frames` (default: the config's) fixes T in the visual graph. `attention`
+    "gqa" (ONNX Runtime's fused GroupQueryAttention, the fast choice for this runtime) or
+    "standard" (plain ONNX ops, for TensorRT and other consumers); see export/graphs.py.
+    """
+    log = log or (lambda _msg: None)
+    _require_onnxscript()
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+    cfg = model.config
+    frames = int(frames or cfg.num_frames)
+    if frames < 1:
+        raise InputError("--frames must be at least 1")
+    model_context = int(cfg.text_config["max_position_embeddings"])
+    max_context = int(max_context or model_context)
+    if not 1 <= max_context <= model_context:
+        raise InputError(f"--max-context must be in 1..{model_context} (the model's positions)")
+    if attention not in ATTENTION:
+        raise InputError(f"unknown attention {attention!r}; choose {' or '.join(ATTENTION)}")
+    if opset < 18:
+        raise InputError("--opset must be 18 or higher (the torch.onnx dynamo exporter's minimum)")
+    out = Path(out)
+    np_dtype = np.dtype("float16" if precision == "fp16" else "float32")
+    model = model.float().eval()
+    conf = model.vlm.lang_model.config
+    num_layers = int(conf.num_hidden_layers)
+    head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
+    kv_heads = int(conf.num_key_value_heads)
+
+    tmp = _prepare_out(out)
+    try:
+        log(f"[1/6] tokenizer and embedding table ({cfg.additional_vocab_start + cfg.num_additional_tokens} rows)")
+        export_tokenizer(model, tokenizer, tmp)
+        np.save(tmp / EMBEDDINGS, embedding_table(model, np_dtype))
+
+        log("[2/6] reference outputs (float32 PyTorch) on fresh random inputs")
+        vis_golden = visual_golden(model, frames)
+        dec_golden = decoder_golden(model)
+        if precision == "fp16":
+            model = model.half()
+
+        log(f"[3/6] exporting {VISUAL} (T={frames}, {cfg.image_size}px, {precision})")
+        files = export_visual(model, tmp / VISUAL, frames, opset)
+        log(f"[4/6] checking {VISUAL} against PyTorch")
+        vis_diff = check_visual(tmp / VISUAL, vis_golden, precision, np_dtype)
+        log(f"      video_tokens max abs diff {vis_diff:.2e}")
+
+        log(f"[5/6] exporting {DECODER} ({num_layers} layers, {attention} attention on in-place KV buffers)")
+        files += export_decoder(model, tmp / DECODER, opset, attention)
+        log(f"      checking {DECODER}: prefill + {VALIDATION_STEPS} cached decode steps")
+        dec_diff = check_decoder(tmp / DECODER, dec_golden, precision, np_dtype, kv_heads, head_dim, num_layers)
+        log(f"      logits max abs diff {dec_diff:.2e}")
+
+        log("[6/6] hashing files and writing the manifest")
+        files += [EMBEDDINGS, TOKENIZER]
+        ids = dict(cfg.special_token_ids)
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "precision": precision,
+            "dtype": np_dtype.name,
+            "model": {
+                "temporal_encoder": cfg.temporal_encoder_config.type,  # informational only
+                "num_frames": frames,
+                "image_size": cfg.image_size,
+                "image_mean": list(cfg.image_mean),
+                "image_std": list(cfg.image_std),
+                "num_video_tokens": int(vis_golden["video_tokens"].shape[1]),
+                "hidden_size": int(conf.hidden_size),
+                "num_logits": int(cfg.num_logits),
+                "num_layers": num_layers,
+                "num_attention_heads": int(conf.num_attention_heads),
+                "num_key_value_heads": kv_heads,
+                "head_dim": head_dim,
+                "max_context": max_context,
+                "sliding_window": getattr(conf, "sliding_window", None),
+            },
+            "visual": {"file": VISUAL, "inputs": {"pixel_values": "pixel_values"},
+                       "outputs": {"video_tokens": "video_tokens"}},
+            "decoder": {
+                "file": DECODER,
+                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids"},
+                "outputs": {"logits": "logits"},
+                "logits": "last",
+                "attention": attention,
+                # Prefill from an empty cache, then 1 token per call: GQA refuses S > 1 after a
+                # non-empty cache for batch > 1, so the runtime never makes such calls.
+                "calls": "prefill_then_single_tokens",
+                "kv_cache": {"layout": ["batch", "kv_heads", "capacity", "head_dim"], "capacity_axis": 2,
+                             **KV_TEMPLATES, "write_slots": "last S of attention_mask's L",
+                             "update": "group_query_attention" if attention == "gqa" else "scatter_elements",
+                             "past_present_share_buffer": True},
+            },
+            "embeddings": {"file": EMBEDDINGS, "rows": cfg.additional_vocab_start + cfg.num_additional_tokens,
+                           "dim": int(conf.hidden_size), "dtype": np_dtype.name},
+            "tokenizer": {"file": TOKENIZER, "add_special_tokens": False, "padding_side": "left"},
+            "prompt": {"template": cfg.prompt_template, "system": cfg.system_prompt, "image_token": "<image>"},
+            "special_token_ids": ids,
+            "stop_token_ids": list(stop_token_ids(cfg)),
+            "export": {
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "opset": opset,
+                "versions": _versions(),
+                "source": source,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "validation": {"tolerance": TOLERANCE[precision],
+                               "tolerance_rule": "max abs diff" if precision == "fp32" else "max abs diff / max(1, max |ref|)",
+                               "visual_max_abs_diff": vis_diff, "decoder_max_abs_diff": dec_diff,
+                               "decoder_steps": 1 + VALIDATION_STEPS},
+            },
+            "files": file_entries(tmp, files),
+        }
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"engine written to {out}")
+    return manifest
+
+
+def preset_tokenizer(cfg) -> Any:
+    """A word tokenizer laid out as the preset expects (`additional_vocab_start - 15` ordinary words
+    before the 15 specials), for exporting random-weight presets in benchmarks and tests."""
+    import re
+
+    from blip3v.data.synth import question_words
+    from blip3v.model.config import DEFAULT_SYSTEM, PHI3_SPECIAL_TOKENS
+    from blip3v.model.tokenizer import BASE_SPECIALS, build_word_tokenizer
+
+    want = cfg.additional_vocab_start - len(PHI3_SPECIAL_TOKENS) - len(BASE_SPECIALS)
+    words = list(dict.fromkeys(w.lower() for w in re.findall(r"\w+|[^\w\s]", DEFAULT_SYSTEM) + question_words() + ["?"]))
+    words = sorted(words)[:want]
+    words += [f"w{i:05d}" for i in range(want - len(words))]
+    return build_word_tokenizer(words)

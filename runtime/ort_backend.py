@@ -1,0 +1,289 @@
+"""The ONNX Runtime backend: an engine directory (from `blip3v export`) -> answers. No torch.
+
+    video -> visual.onnx -> video tokens (B, M, D)
+    prompt ids -> rows of embed_tokens.npy, `<image>` replaced by the M video tokens (numpy)
+    -> decoder.onnx prefill -> KV-cached decode, one token per step, until a stop id or max_new_tokens
+
+Everything about the model comes from manifest.json (blip3v.runtime.manifest); this file never
+asks which model it runs. The KV cache is owned here: per layer one K and one V buffer of
+(B, Hkv, capacity, dh), allocated once per batch as OrtValues on the execution device and bound
+as both `past_*` and `present_*` through IO binding, so the graph (GroupQueryAttention or
+ScatterElements, see blip3v/export/graphs.py for the choice) writes the new slots in place and
+nothing is reallocated or copied whole between steps. capacity = prompt + max_new_tokens, at most
+the manifest's max_context. The prompt is prefilled in one call from the empty cache, then one
+token per call (the manifest's `calls` contract). Rows are left-padded; positions come from the
+attention mask, as in the PyTorch backend, so a padded row decodes exactly as it would alone.
+
+    from blip3v.runtime.ort_backend import OrtBackend
+    OrtBackend.load("engines/demo").ask("clip.mp4", "what colour does the square turn?")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from blip3v.errors import EngineError, InputError
+from blip3v.runtime.generation import Answer, Sampler, SamplingConfig, TextStream
+from blip3v.runtime.manifest import Manifest, load_manifest
+from blip3v.runtime.tokenizer import PromptTokenizer
+
+# --device -> execution providers, most preferred first (ORT falls back along the list per node).
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+MAX_BATCH = 16  # largest batch a TensorRT profile covers (CPU/CUDA take any batch)
+PACKAGE_HINT = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built with TensorRT)"}
+
+
+def providers_for(device: str) -> list[str]:
+    if device not in PROVIDERS:
+        raise InputError(f"unknown device {device!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[device][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise EngineError(f"device {device} needs {wanted}, which the installed onnxruntime {ort.__version__} "
+                          f"lacks (it has {', '.join(available)}); install {PACKAGE_HINT[device]}")
+    return [p for p in PROVIDERS[device] if p in available]
+
+
+def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in shapes.items())
+
+
+def tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = MAX_BATCH) -> dict[str, str]:
+    """TensorRT EP options declaring each dynamic input's min/opt/max shape (Polygraphy-style), so
+    one engine serves every prefill length and decode step instead of a rebuild per new shape."""
+    m = manifest.model
+    if graph == "visual":
+        frame = (int(m["num_frames"]), 3, int(m["image_size"]), int(m["image_size"]))
+        name = manifest["visual"]["inputs"]["pixel_values"]
+        lo, opt, hi = {name: (1, *frame)}, {name: (1, *frame)}, {name: (max_batch, *frame)}
+    else:
+        ctx, d, kv, dh = int(m["max_context"]), int(m["hidden_size"]), int(m["num_key_value_heads"]), int(m["head_dim"])
+        names = manifest["decoder"]["inputs"]
+        caches = manifest.kv_names("past_key") + manifest.kv_names("past_value")
+        lo = {names["inputs_embeds"]: (1, 1, d), names["attention_mask"]: (1, 1), names["position_ids"]: (1, 1),
+              **{c: (1, kv, 1, dh) for c in caches}}
+        opt = {names["inputs_embeds"]: (1, 1, d), names["attention_mask"]: (1, ctx // 2),
+               names["position_ids"]: (1, 1), **{c: (1, kv, ctx // 2, dh) for c in caches}}
+        hi = {names["inputs_embeds"]: (max_batch, ctx, d), names["attention_mask"]: (max_batch, ctx),
+              names["position_ids"]: (max_batch, ctx), **{c: (max_batch, kv, ctx, dh) for c in caches}}
+    return {"trt_profile_min_shapes": _shapes(lo), "trt_profile_opt_shapes": _shapes(opt),
+            "trt_profile_max_shapes": _shapes(hi), "trt_fp16_enable": str(manifest["precision"] == "fp16"),
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(manifest.directory / ".trt-cache")}
+
+
+def _open_session(path: Path, providers: list[str], options_by_provider: dict[str, dict] | None = None
+                  ) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    provider_options = [dict((options_by_provider or {}).get(p, {})) for p in providers]
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+    except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own Fail/InvalidGraph/... types)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{path}: onnxruntime cannot load it ({first[:300]})") from None
+
+
+class OrtBackend:
+    """Engine directory -> answers on ONNX Runtime. Same methods as `TorchBackend`."""
+
+    def __init__(self, manifest: Manifest, device: str = "cpu"):
+        self.manifest = manifest
+        self.device = device
+        providers = providers_for(device)
+        model = manifest.model
+        self.num_frames = int(model["num_frames"])
+        self.image_size = int(model["image_size"])
+        self.image_mean = tuple(model["image_mean"])
+        self.image_std = tuple(model["image_std"])
+        self.num_video_tokens = int(model["num_video_tokens"])
+        self.max_context = int(model["max_context"])
+        self.num_layers = int(model["num_layers"])
+        self.kv_heads = int(model["num_key_value_heads"])
+        self.head_dim = int(model["head_dim"])
+        self.dtype = np.dtype(manifest["dtype"])
+        self.special_ids = {k: int(v) for k, v in manifest["special_token_ids"].items()}
+        self.stop_ids = tuple(int(i) for i in manifest["stop_token_ids"])
+        self.tokenizer = PromptTokenizer.from_manifest(manifest)
+
+        emb = manifest.raw["embeddings"]
+        try:
+            self.embeddings = np.load(manifest.path("embeddings"), mmap_mode="r")  # (V, D), rows by id
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"{manifest.path('embeddings')}: not a readable .npy file ({exc})") from None
+        if self.embeddings.shape != (int(emb["rows"]), int(emb["dim"])):
+            raise EngineError(f"{manifest.path('embeddings')}: shape {self.embeddings.shape}, the manifest says "
+                              f"({emb['rows']}, {emb['dim']})")
+
+        trt = "TensorrtExecutionProvider"
+        self.visual = _open_session(manifest.path("visual"), providers, {trt: tensorrt_profiles(manifest, "visual")})
+        self.decoder = _open_session(manifest.path("decoder"), providers, {trt: tensorrt_profiles(manifest, "decoder")})
+        vis, dec = manifest["visual"], manifest["decoder"]
+        self.pixel_name = vis["inputs"]["pixel_values"]
+        self.video_name = vis["outputs"]["video_tokens"]
+        self.embeds_name = dec["inputs"]["inputs_embeds"]
+        self.mask_name = dec["inputs"]["attention_mask"]
+        self.position_name = dec["inputs"]["position_ids"]
+        self.logits_name = dec["outputs"]["logits"]
+        self.past_names = [n for pair in zip(manifest.kv_names("past_key"), manifest.kv_names("past_value")) for n in pair]
+        self.present_names = [n for pair in zip(manifest.kv_names("present_key"), manifest.kv_names("present_value"))
+                              for n in pair]
+        have_in = {i.name for i in self.decoder.get_inputs()}
+        have_out = {o.name for o in self.decoder.get_outputs()}
+        missing = sorted(({self.embeds_name, self.mask_name, self.position_name, *self.past_names} - have_in)
+                         | ({self.logits_name, *self.present_names} - have_out))
+        if missing:
+            raise EngineError(f"{manifest.path('decoder')}: tensors named in the manifest are missing: "
+                              f"{', '.join(missing[:6])}")
+        # Where the KV buffers live: on the GPU for cuda/tensorrt, so steps never copy them to the host.
+        self.ort_device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, device: str = "cpu", verify_hashes: bool = True) -> OrtBackend:
+        return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device)
+
+    # -- the pieces TorchBackend also has --------------------------------------------------
+    def load_video(self, path: str | Path) -> np.ndarray:
+        """(T, 3, S, S) float32 through the shared runtime video path."""
+        from blip3v.runtime.video import load_clip
+
+        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- the visual path and the splice ----------------------------------------------------
+    def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, T, 3, S, S) -> video tokens (B, M, D)."""
+        pixels = np.ascontiguousarray(pixel_values, dtype=self.dtype)
+        expected = (self.num_frames, 3, self.image_size, self.image_size)
+        if pixels.ndim != 5 or pixels.shape[1:] != expected:
+            raise InputError(f"pixel_values must be (B, {', '.join(map(str, expected))}), got {pixels.shape}")
+        return self.visual.run([self.video_name], {self.pixel_name: pixels})[0]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (...) -> rows of the merged table (..., D); ids >= additional_vocab_start are
+        already the xGen-MM extra rows there."""
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.embeddings)):
+            raise InputError(f"token id out of range 0..{len(self.embeddings) - 1}")
+        return np.asarray(self.embeddings[ids], dtype=self.dtype)
+
+    def splice(self, rows: list[list[int]], video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt ids per row + video tokens (B, M, D) -> left-padded embeddings (B, S, D) with each
+        row's single `<image>` replaced by its M tokens, and the mask (B, S)."""
+        image_id, pad_id = self.special_ids["image"], self.special_ids["pad"]
+        width = max(len(r) for r in rows)
+        m = video.shape[1]
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width - 1 + m), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r.count(image_id) != 1:
+                raise InputError(f"each prompt needs exactly one <image> token; found {r.count(image_id)}")
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        text = self.embed(ids)  # (B, S_text, D)
+        out = np.empty((len(rows), width - 1 + m, text.shape[-1]), dtype=self.dtype)
+        for i in range(len(rows)):
+            at = int(np.flatnonzero(ids[i] == image_id)[0])
+            out[i, :at] = text[i, :at]
+            out[i, at:at + m] = video[i]
+            out[i, at + m:] = text[i, at + 1:]
+        return out, mask
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
+                 on_token: Callable[[int, int], None] | None = None,
+                 marks: list[float] | None = None) -> list[list[int]]:
+        """Spliced embeddings (B, S, D) + left-padded mask (B, S) -> new token ids per row (stop id
+        dropped). `marks` gets the time after the prefill's logits are on the host."""
+        sample = Sampler(sampling)
+        batch, prompt = mask.shape
+        if prompt + sampling.max_new_tokens > self.max_context:
+            raise InputError(f"prompt of {prompt} tokens + {sampling.max_new_tokens} new tokens exceeds the "
+                             f"engine's context of {self.max_context}")
+        capacity = prompt + sampling.max_new_tokens
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        # Zeroed (slots past the written ones are never attended, but stay finite). On the CPU the
+        # OrtValue wraps the numpy array's memory; on a GPU it is one upload per batch.
+        host = [np.zeros(shape, self.dtype) for _ in self.past_names]
+        caches = [ort.OrtValue.ortvalue_from_numpy(h, self.ort_device, 0) for h in host]
+        binding = self.decoder.io_binding()
+        for past, present, buf in zip(self.past_names, self.present_names, caches):
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)  # same buffer: the update happens in place
+        logits = np.empty((batch, int(self.manifest.model["num_logits"])), self.dtype)  # (B, V+3)
+        binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
+
+        full_mask = np.zeros((batch, capacity), dtype=np.int64)  # (B, C): 1 = a real token in that slot
+        full_mask[:, :prompt] = mask
+        positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, S)
+        step_embeds, step_pos, used = np.ascontiguousarray(embeds, dtype=self.dtype), positions, 0
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        for step in range(sampling.max_new_tokens):
+            s = step_embeds.shape[1]
+            step_mask = np.ascontiguousarray(full_mask[:, :used + s])  # (B, L): this call writes slots [used, L)
+            step_pos = np.ascontiguousarray(step_pos, dtype=np.int64)  # kept alive while bound
+            binding.bind_cpu_input(self.embeds_name, step_embeds)
+            binding.bind_cpu_input(self.mask_name, step_mask)
+            binding.bind_cpu_input(self.position_name, step_pos)
+            self.decoder.run_with_iobinding(binding)
+            tokens = sample(logits.astype(np.float32))  # (B,)
+            if step == 0 and marks is not None:
+                marks.append(time.perf_counter())
+            used += s
+            for row, tok in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                if tok in self.stop_ids:
+                    done[row] = True
+                    continue
+                out[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
+            if done.all() or step == sampling.max_new_tokens - 1:
+                break
+            full_mask[:, used] = 1
+            step_pos = step_pos[:, -1:] + 1  # (B, 1)
+            step_embeds = self.embed(tokens.reshape(batch, 1))  # (B, 1, D)
+        return out
+
+    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
+                     on_token: Callable[[int, int], None] | None = None,
+                     timings: dict[str, float] | None = None) -> list[list[int]]:
+        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row."""
+        if len(questions) != len(pixel_values):
+            raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
+        t0 = time.perf_counter()
+        video = self.encode_video(pixel_values)  # (B, M, D)
+        t1 = time.perf_counter()
+        rows = [self.tokenizer.encode_prompt(q) for q in questions]
+        embeds, mask = self.splice(rows, video)
+        marks: list[float] = []
+        out = self.generate(embeds, mask, sampling, on_token=on_token, marks=marks)
+        t2 = time.perf_counter()
+        if timings is not None:
+            timings["visual"] = (t1 - t0) * 1e3
+            timings["prefill"] = ((marks[0] if marks else t2) - t1) * 1e3  # time to first token
+            timings["generate"] = (t2 - t1) * 1e3
+        return out
+
+    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        sampling = sampling or SamplingConfig()
+        t0 = time.perf_counter()
+        pixels = self.load_video(video)[None]  # (1, T, 3, S, S)
+        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
+        stream = TextStream(self.decode, on_text) if on_text is not None else None
+        ids = self.answer_batch(pixels, [question], sampling,
+                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
+                                timings=timings)[0]
+        return Answer(self.decode(ids), ids, self.num_video_tokens, timings)

@@ -76,6 +76,17 @@ class VLM(nn.Module):
         self.lang_model.lm_head = DecoupledLinear(
             text.hidden_size, text.vocab_size, cfg.additional_vocab_start, cfg.num_additional_tokens
         )
+        # The swapped-in modules miss transformers' post_init; give them Phi-3's own init (normal,
+        # std initializer_range). With PyTorch's N(0, 1) embedding default the residual stream dwarfs
+        # every block's output and a model trained from scratch only learns the answer prior.
+        std = text.initializer_range
+        with torch.no_grad():
+            for module in (self.lang_model.model.embed_tokens, self.lang_model.model.embed_tokens.additional_embedding,
+                           self.lang_model.lm_head, self.lang_model.lm_head.additional_fc):
+                if module.weight.device.type != "meta":
+                    module.weight.normal_(0.0, std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
 
 
 class XGenMMVideoModel(nn.Module):

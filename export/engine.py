@@ -442,6 +442,14 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
             "files": file_entries(tmp, files),
         }
         write_manifest(tmp, manifest)
+        # TensorRT compatibility, checked without TensorRT: a gqa export is ONNX Runtime-only by
+        # design (the report says so); a standard export that TensorRT could not build fails here.
+        from blip3v.export.trt_check import check_engine_dir
+
+        trt_report = check_engine_dir(tmp)
+        log("      " + trt_report.summary())
+        if attention == "standard":
+            trt_report.raise_if_failed()
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,13 +21,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blip3v.errors import EngineError
 from blip3v.export.trt_check import (DEFAULT_MAX_BATCH, PIN_PRECISIONS, PRECISIONS, Profile, check_engine_dir,
                                      derive_profiles, no_qdq_message, profiles_to_json)
 from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, load_manifest
 from blip3v.runtime.trt_backend import DEVICE_KEYS, CudaRuntime, import_tensorrt, provenance_diff
+
+if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported inside the functions that use it
+    import tensorrt as trt
 
 PLANS = {"visual": "visual.plan", "decoder": "decoder.plan"}
 TIMING_CACHE = "timing.cache"  # default: next to the plans, reused by every rebuild
@@ -111,18 +114,20 @@ def atomic_write(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- TensorRT calls
 
 
-def _parse_errors(parser: Any) -> str:
+def _parse_errors(parser: trt.OnnxParser) -> str:
     errors = []
     for i in range(parser.num_errors):
-        err = parser.get_error(i)
+        err: trt.ParserError = parser.get_error(i)  # annotated: the stubs type get_error's result as `...`
         where = f" (node {err.node_name()})" if err.node_name() else ""
         errors.append(f"{err.desc()}{where}")
     return "; ".join(errors) or "no message"
 
 
-def _build_plan(trt: Any, logger: Any, onnx_path: Path, profiles: list[Profile], flags: Flags, pins: set[str],
+def _build_plan(logger: trt.ILogger, onnx_path: Path, profiles: list[Profile], flags: Flags, pins: set[str],
                 workspace_gb: float, cache_bytes: bytes | None) -> tuple[bytes, bytes, int]:
     """One ONNX graph -> (serialized plan, timing cache bytes, number of layers pinned to FP32)."""
+    import tensorrt as trt  # build_engines checked it is installed (import_tensorrt)
+
     builder = trt.Builder(logger)
     creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags.strongly_typed else 0
     network = builder.create_network(creation)
@@ -132,7 +137,7 @@ def _build_plan(trt: Any, logger: Any, onnx_path: Path, profiles: list[Profile],
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     for name in flags.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
+        config.set_flag(trt.BuilderFlag.__members__[name])  # typed, unlike getattr
     cache = config.create_timing_cache(cache_bytes or b"")
     config.set_timing_cache(cache, False)
     for profile in profiles:
@@ -173,7 +178,9 @@ def build_engines(engine_dir: str | Path, precision: str = "fp16", workspace_gb:
     ctx = int(max_context or raw["model"]["max_context"])
     flags = {g: select_flags(precision, report.graphs[g]["quantization"]) for g in PLANS}
 
-    trt = import_tensorrt()
+    import_tensorrt()  # one clear EngineError if TensorRT is missing
+    import tensorrt as trt
+
     gpu, cc = CudaRuntime().device()
     problem = precision_problem(precision, cc)
     if problem:
@@ -200,8 +207,8 @@ def build_engines(engine_dir: str | Path, precision: str = "fp16", workspace_gb:
             onnx_path = manifest.path(graph)
             log(f"building {plan_name} from {onnx_path.name} ({precision}, {len(profiles[graph])} profile(s))")
             pins = set(report.graphs[graph]["fp32_pins"])
-            plan, cache_bytes, pinned[graph] = _build_plan(trt, logger, onnx_path, profiles[graph], flags[graph],
-                                                           pins, workspace_gb, cache_bytes)
+            plan, cache_bytes, pinned[graph] = _build_plan(logger, onnx_path, profiles[graph], flags[graph], pins,
+                                                           workspace_gb, cache_bytes)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{plan_name}.", dir=root)
             tmp_files.append(Path(tmp_name))
             with os.fdopen(fd, "wb") as f:

@@ -194,11 +194,12 @@ class TrtBackend:
         if not isinstance(built, dict) or "plans" not in built:
             raise EngineError(f"{manifest.directory}: no TensorRT engines; run `blip3v build --engine "
                               f"{manifest.directory}` first")
-        trt_mod = import_tensorrt()
-        self.trt = trt_mod
+        import_tensorrt()  # one clear EngineError if TensorRT is missing
+        import tensorrt as trt
+
         self.cuda = CudaRuntime()
         gpu, cc = self.cuda.device()
-        current = {"tensorrt_version": trt_mod.__version__, "gpu": gpu, "compute_capability": cc}
+        current = {"tensorrt_version": trt.__version__, "gpu": gpu, "compute_capability": cc}
         differs = provenance_diff(built, current, DEVICE_KEYS)
         if differs:
             raise EngineError(f"{manifest.directory}: the TensorRT engines were built elsewhere ({'; '.join(differs)}); "
@@ -237,8 +238,8 @@ class TrtBackend:
         self.past_names = manifest.kv_names("past_key") + manifest.kv_names("past_value")
         self.present_names = manifest.kv_names("present_key") + manifest.kv_names("present_value")
 
-        self.logger = trt_mod.Logger(trt_mod.Logger.WARNING)
-        self.runtime = trt_mod.Runtime(self.logger)
+        self.logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
         plans = built["plans"]
         self.visual = self._deserialize(manifest.directory / plans["visual"])
         self.decoder = self._deserialize(manifest.directory / plans["decoder"])
@@ -264,7 +265,7 @@ class TrtBackend:
         # Prefill and decode contexts share one scratch allocation: same stream, never concurrent.
         scratch = max(self.decoder.get_device_memory_size_for_profile_v2(i) for i in range(2))
         self.scratch = self.cuda.malloc(scratch)
-        user = trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED
+        user = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.prefill_ctx = self.decoder.create_execution_context(user)
         self.decode_ctx = self.decoder.create_execution_context(user)
         for profile, ctx in enumerate((self.prefill_ctx, self.decode_ctx)):
@@ -272,8 +273,8 @@ class TrtBackend:
             if not ctx.set_optimization_profile_async(profile, self.stream):
                 raise EngineError(f"{plans['decoder']}: has no optimization profile {profile}; rebuild it")
             self._bind_decoder(ctx)
-        self.visual_ctx.set_tensor_address(self.pixel_name, self.pixels.device)
-        self.visual_ctx.set_tensor_address(self.video_name, self.video.device)
+        self._bind(self.visual_ctx, self.pixel_name, self.pixels.device, plans["visual"])
+        self._bind(self.visual_ctx, self.video_name, self.video.device, plans["visual"])
         self.cuda.synchronize(self.stream)
         self.graphs: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()  # (b, L) -> (graph, exec)
         self.seen: set[tuple[int, int]] = set()
@@ -291,7 +292,9 @@ class TrtBackend:
         return engine
 
     def _check_tensors(self, engine: trt.ICudaEngine, inputs: list[str], outputs: list[str], file: str) -> None:
-        mode = self.trt.TensorIOMode
+        import tensorrt as trt
+
+        mode = trt.TensorIOMode
         have = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         got_in = {n for n in have if engine.get_tensor_mode(n) == mode.INPUT}
         missing = sorted((set(inputs) - got_in) | (set(outputs) - (have - got_in)))
@@ -299,21 +302,34 @@ class TrtBackend:
             raise EngineError(f"{file}: tensors named in the manifest are missing: {', '.join(missing[:6])}")
 
     def _dtype(self, engine: trt.ICudaEngine, name: str) -> np.dtype:
-        return np.dtype(self.trt.nptype(engine.get_tensor_dtype(name)))
+        import tensorrt as trt
+
+        return np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
 
     def _buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> Buffer:
         buf = Buffer(self.cuda, shape, dtype)
         self._buffers.append(buf)
         return buf
 
+    @staticmethod
+    def _bind(ctx: trt.IExecutionContext, name: str, ptr: int, file: str) -> None:
+        if not ctx.set_tensor_address(name, ptr):  # False (and a TensorRT log line) when the name is unknown
+            raise EngineError(f"{file}: TensorRT refused the address of tensor {name!r}")
+
     def _bind_decoder(self, ctx: trt.IExecutionContext) -> None:
-        ctx.set_tensor_address(self.embeds_name, self.embeds_buf.device)
-        ctx.set_tensor_address(self.mask_name, self.mask_buf.device)
-        ctx.set_tensor_address(self.position_name, self.pos_buf.device)
-        ctx.set_tensor_address(self.logits_name, self.logits_buf.device)
+        file = self.manifest.raw["tensorrt"]["plans"]["decoder"]
+        for name, ptr in ((self.embeds_name, self.embeds_buf.device), (self.mask_name, self.mask_buf.device),
+                          (self.position_name, self.pos_buf.device), (self.logits_name, self.logits_buf.device)):
+            self._bind(ctx, name, ptr, file)
         for past, present, ptr in zip(self.past_names, self.present_names, self.kv):
-            ctx.set_tensor_address(past, ptr)
-            ctx.set_tensor_address(present, ptr)  # same buffer: the new slots are written in place
+            self._bind(ctx, past, ptr, file)
+            self._bind(ctx, present, ptr, file)  # same buffer: the new slots are written in place
+
+    @staticmethod
+    def _set_shape(ctx: trt.IExecutionContext, name: str, shape: tuple[int, ...], file: str) -> None:
+        if not ctx.set_input_shape(name, shape):  # False when the shape is outside the active profile
+            raise EngineError(f"{file}: shape {shape} of input {name!r} is outside the engine's profile "
+                              "(blip3v build --max-batch / --max-context)")
 
     def close(self) -> None:
         """Frees every CUDA allocation (also done when the object is collected)."""
@@ -349,7 +365,7 @@ class TrtBackend:
             b = len(chunk)
             nbytes = self.pixels.stage(chunk)
             self.cuda.memcpy_async(self.pixels.device, self.pixels.host_ptr, nbytes, H2D, self.stream)
-            self.visual_ctx.set_input_shape(self.pixel_name, chunk.shape)
+            self._set_shape(self.visual_ctx, self.pixel_name, chunk.shape, "visual.plan")
             if not self.visual_ctx.execute_async_v3(self.stream):
                 raise EngineError("visual.plan: TensorRT execution failed")
             m = b * self.num_video_tokens * self.hidden
@@ -411,11 +427,11 @@ class TrtBackend:
             self.graphs.move_to_end(key)
             self.cuda.graph_launch(self.graphs[key][1], self.stream)
         else:
-            ctx.set_input_shape(self.embeds_name, (b, s, self.hidden))
-            ctx.set_input_shape(self.mask_name, (b, length))
-            ctx.set_input_shape(self.position_name, (b, s))
+            self._set_shape(ctx, self.embeds_name, (b, s, self.hidden), "decoder.plan")
+            self._set_shape(ctx, self.mask_name, (b, length), "decoder.plan")
+            self._set_shape(ctx, self.position_name, (b, s), "decoder.plan")
             for name in self.past_names:
-                ctx.set_input_shape(name, (b, self.kv_heads, self.max_context, self.head_dim))
+                self._set_shape(ctx, name, (b, self.kv_heads, self.max_context, self.head_dim), "decoder.plan")
             self._enqueue(ctx, *sizes)  # also the warm-up TensorRT wants before a capture
             if s == 1 and key in self.seen:
                 self.cuda.synchronize(self.stream)

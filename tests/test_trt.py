@@ -143,9 +143,10 @@ def test_cli_check_only(standard, tmp_path):
     assert_one_line_error(bad, "GroupQueryAttention", "--attention standard")
 
 
-def test_mypy_against_tensorrt_stubs(tmp_path):
-    """mypy over the TensorRT code with tensorrt-stubs; the stubs are copied to a MYPYPATH folder (they
-    lack py.typed) with their one syntax error (a parameter named `in`) renamed."""
+@pytest.fixture(scope="module")
+def trt_stubs(tmp_path_factory) -> Path:
+    """A MYPYPATH folder with tensorrt-stubs (they lack py.typed), their syntax errors patched: a parameter
+    named `in`, and a required parameter after defaults in add_scale_nd. Skips without mypy or the stubs."""
     pytest.importorskip("mypy")
     import importlib.util
 
@@ -155,18 +156,51 @@ def test_mypy_against_tensorrt_stubs(tmp_path):
     site = Path(list(spec.submodule_search_locations)[0]).parent
     if not (site / "tensorrt_bindings" / "tensorrt.pyi").is_file():
         pytest.skip("tensorrt-stubs not installed")
+    stubs = tmp_path_factory.mktemp("trt-stubs")
     for pkg in ("tensorrt", "tensorrt_bindings"):
-        (tmp_path / pkg).mkdir()
+        (stubs / pkg).mkdir()
         for f in (site / pkg).glob("*.pyi"):
             text = re.sub(r"([(,]\s*)in(\s*:)", r"\1in_\2", f.read_text())
             text = text.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)")
-            (tmp_path / pkg / f.name).write_text(text)
+            (stubs / pkg / f.name).write_text(text)
+    return stubs
+
+
+def _mypy_trt(stubs: Path, cwd: Path, *files: str) -> tuple[int, list[str]]:
+    """`mypy --config-file mypy-trt.ini FILES` in `cwd` against the stubs: exit code, lines about our files."""
     proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy-trt.ini", "--cache-dir",
-                           str(tmp_path / ".mypy_cache"), "export/trt_build.py", "runtime/trt_backend.py"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"MYPYPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
-    ours = [line for line in proc.stdout.splitlines() if not line.startswith(str(tmp_path))]
-    assert proc.returncode == 0, "\n".join(ours)
+                           str(stubs / ".mypy_cache"), *files],
+                          cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"})
+    return proc.returncode, [line for line in proc.stdout.splitlines() if not line.startswith(str(stubs))]
+
+
+def test_mypy_against_tensorrt_stubs(trt_stubs):
+    """mypy over the TensorRT code with tensorrt-stubs: every TensorRT object is typed from the stubs."""
+    code, ours = _mypy_trt(trt_stubs, ROOT, "export/trt_build.py", "runtime/trt_backend.py")
+    assert code == 0, "\n".join(ours)
+
+
+def test_mypy_catches_tensorrt_api_misuse(trt_stubs, tmp_path):
+    """The check above can fail: a copy of trt_build.py with a misspelt TensorRT method and a str passed
+    where a trt.BuilderFlag is required gets exactly those two errors."""
+    src = (ROOT / "export" / "trt_build.py").read_text()
+    plants = {"config.set_memory_pool_limit(": "config.set_memory_pool_limitt(",
+              "config.set_flag(trt.BuilderFlag.__members__[name])": "config.set_flag(name)"}
+    for real, wrong in plants.items():
+        assert src.count(real) == 1, real
+        src = src.replace(real, wrong)
+    lines = {next(i for i, line in enumerate(src.splitlines(), 1) if wrong in line): wrong for wrong in plants.values()}
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "trt_build.py").write_text(src)
+    shutil.copy(ROOT / "mypy-trt.ini", tmp_path)
+    code, ours = _mypy_trt(trt_stubs, tmp_path, "export/trt_build.py")
+    errors = [line for line in ours if ": error:" in line]
+    assert code == 1 and len(errors) == 2, "\n".join(ours)
+    attr, arg = sorted(errors, key=lambda e: int(e.split(":")[1]))
+    assert 'has no attribute "set_memory_pool_limitt"' in attr and "[attr-defined]" in attr
+    assert '"str"' in arg and '"BuilderFlag"' in arg and "[arg-type]" in arg
+    assert {int(e.split(":")[1]) for e in errors} == set(lines)
 
 
 def _tensorrt_gpu() -> bool:

@@ -189,6 +189,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=f"train {preset}", unit="step")
     t0 = time.perf_counter() - elapsed
     step, ema = start, None
+    log_every = max(1, min(50, tc.steps // 20))  # ~20 points in short runs, every 50 steps in long ones
 
     def save() -> None:
         save_checkpoint(model, out, tokenizer)
@@ -209,7 +210,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         opt.step()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0 or step == 1:
+        if step % log_every == 0 or step == 1:
             history.append({"step": step, "loss": round(loss.item(), 5), "ema_loss": round(ema, 5)})
         bar.set_postfix(loss=f"{ema:.4f}")
         bar.update(1)

@@ -15,7 +15,8 @@ def test_short_training_run_lowers_the_loss_and_resumes(tmp_path):
     summary = train("demo", out, tc, progress=False, log=lambda m: None)
     history = summary["history"]
     assert summary["steps"] == 40
-    first, last = history[0]["loss"], summary["final_ema_loss"]
+    first = history[0]["loss"]
+    last = sum(h["loss"] for h in history[-3:]) / 3
     # Starts near log(vocab) on the answer tokens; the answer prior alone brings it far lower.
     assert first > 2.0 and last < 0.6 * first, history
     assert (out / STATE_NAME).is_file() and (out / "model.safetensors.index.json").is_file()

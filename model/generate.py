@@ -22,7 +22,7 @@ from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.generation import Answer, Sampler, SamplingConfig, TextStream
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mas
 DECODERS = ("auto", "reference", "static")
 
 
-class TorchBackend:
+class TorchBackend(AskMixin):
     """Checkpoint -> answers, on the PyTorch reference model.
 
     `decoder="reference"` generates through transformers' DynamicCache (`generate` above);
@@ -113,6 +113,7 @@ class TorchBackend:
         self.cfg = model.config
         self.device = device
         self.stop_ids = stop_token_ids(self.cfg)
+        self.num_video_tokens = self.cfg.num_video_tokens
         if decoder == "auto":
             decoder = "static" if device == "cuda" or weights != "dense" else "reference"
         self.fast = None
@@ -171,14 +172,3 @@ class TorchBackend:
             timings["generate"] = (t2 - t1) * 1e3
         return out
 
-    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        sampling = sampling or SamplingConfig()
-        t0 = time.perf_counter()
-        pixels = self.load_video(video)[None]  # (1, T, 3, S, S)
-        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
-        stream = TextStream(self.decode, on_text) if on_text is not None else None
-        ids = self.answer_batch(pixels, [question], sampling,
-                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
-                                timings=timings)[0]
-        return Answer(self.decode(ids), ids, self.cfg.num_video_tokens, timings)

@@ -6,7 +6,9 @@ greedy answers can be compared token for token across backends and sampling mean
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,3 +86,22 @@ class Answer:
     token_ids: list[int]
     video_tokens: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class AskMixin:
+    """`ask` on top of a backend's `load_video`, `answer_batch` and `decode`: one clip, one
+    question, streamed text, and the same per-stage timings from every backend."""
+
+    num_video_tokens: int
+
+    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        sampling = sampling or SamplingConfig()
+        t0 = time.perf_counter()
+        pixels = self.load_video(video)[None]  # type: ignore[attr-defined]  # (1, T, 3, S, S)
+        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
+        stream = TextStream(self.decode, on_text) if on_text is not None else None  # type: ignore[attr-defined]
+        ids = self.answer_batch(pixels, [question], sampling,  # type: ignore[attr-defined]
+                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
+                                timings=timings)[0]
+        return Answer(self.decode(ids), ids, self.num_video_tokens, timings)  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import Answer, Sampler, SamplingConfig, TextStream
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig
 from blip3v.runtime.manifest import Manifest, load_manifest
 from blip3v.runtime.tokenizer import PromptTokenizer
 
@@ -92,7 +92,7 @@ def _open_session(path: Path, providers: list[str], options_by_provider: dict[st
         raise EngineError(f"{path}: onnxruntime cannot load it ({first[:300]})") from None
 
 
-class OrtBackend:
+class OrtBackend(AskMixin):
     """Engine directory -> answers on ONNX Runtime. Same methods as `TorchBackend`."""
 
     def __init__(self, manifest: Manifest, device: str = "cpu"):
@@ -276,14 +276,3 @@ class OrtBackend:
             timings["generate"] = (t2 - t1) * 1e3
         return out
 
-    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        sampling = sampling or SamplingConfig()
-        t0 = time.perf_counter()
-        pixels = self.load_video(video)[None]  # (1, T, 3, S, S)
-        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
-        stream = TextStream(self.decode, on_text) if on_text is not None else None
-        ids = self.answer_batch(pixels, [question], sampling,
-                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
-                                timings=timings)[0]
-        return Answer(self.decode(ids), ids, self.num_video_tokens, timings)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import Answer, Sampler, SamplingConfig, TextStream
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig
 from blip3v.runtime.manifest import Manifest, load_manifest
 from blip3v.runtime.tokenizer import PromptTokenizer
 
@@ -185,7 +185,7 @@ class Buffer:
         self.cuda.free_host(self.host_ptr)
 
 
-class TrtBackend:
+class TrtBackend(AskMixin):
     """Engine directory (built by `blip3v build`) -> answers on TensorRT. Same methods as OrtBackend."""
 
     def __init__(self, manifest: Manifest):
@@ -524,14 +524,3 @@ class TrtBackend:
             timings["generate"] = (t2 - t1) * 1e3
         return out
 
-    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        sampling = sampling or SamplingConfig()
-        t0 = time.perf_counter()
-        pixels = self.load_video(video)[None]  # (1, T, 3, S, S)
-        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
-        stream = TextStream(self.decode, on_text) if on_text is not None else None
-        ids = self.answer_batch(pixels, [question], sampling,
-                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
-                                timings=timings)[0]
-        return Answer(self.decode(ids), ids, self.num_video_tokens, timings)

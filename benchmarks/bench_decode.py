@@ -1,0 +1,689 @@
+"""Decode speed of the ONNX Runtime backend against its peers, on one Phi-3 with random weights.
+
+    python benchmarks/bench_decode.py --layers 4 --prompt-tokens 128 --new-tokens 64 --repeats 3 \
+        [--json] [--out-md benchmarks/RESULTS.md] [--profile]
+
+One run builds, in a temporary folder, a Hugging Face Phi-3 directory (Phi3ForCausalLM, random
+weights) at Phi-3-mini width (hidden 3072, MLP 8192, 32 heads of 96, vocab 32064, window 2047)
+with `--layers` layers, so it fits a CPU, then times the same weights and the same prompt ids in
+
+  transformers       `generate` in PyTorch eager mode with its DynamicCache (sdpa attention by
+                     default, transformers' own default), greedy, min_new_tokens = max_new_tokens
+  blip3v             this project's decoder.onnx (blip3v.export.graphs.DecoderGraph, exported and
+                     checked by blip3v.export.engine) driven by the runtime's own decode loop,
+                     `OrtBackend.generate` (IO binding, in-place KV buffers), with the prompt's
+                     rows of the embedding table as inputs_embeds; once per `--attention` variant
+  onnxruntime-genai  the model its builder (`python -m onnxruntime_genai.models.builder`) makes
+                     from the same HF directory, run through og.Generator
+
+all float32 on the CPU with the same thread count (`--precision fp32 fp16` adds float16 rows for
+blip3v and transformers; the builder makes no fp16 CPU model). Every system produces exactly N
+new tokens.
+TTFT = from the prompt's ids to the first new id (prefill + its sampling, including each system's
+own set-up per request: KV allocation, embedding lookup); decode ms/token = the mean interval
+between the following N - 1 ids. One warm-up request per system is excluded; the R timed
+repeats are interleaved across systems (so background load hits all alike) and reported as
+median and min/max over repeats. Speed-up = peer time / blip3v time (> 1: blip3v is faster).
+
+Each system keeps its own design choices in the times: the builder's graph computes logits at
+every prompt position in the prefill (blip3v's graph and transformers' generate, with
+logits_to_keep=1, only at the last); its generator loop is C++, blip3v's and transformers' are
+Python. The greedy ids of every system are compared with transformers' as a check that all of
+them run the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SECTION = "## Decode speed (ONNX Runtime backend vs peers)"
+
+# Phi-3-mini-4k's sizes (blip3v.model.config.KNOWN_TOWERS); "tiny" keeps its shape at test size.
+# Constraints from the onnxruntime-genai builder (0.18): head_dim % 16 == 0 (its GroupQueryAttention
+# applies rotary itself), and no Linear but lm_head may have vocab_size outputs (it takes any such
+# Linear for the LM head: `has_lm_head` in onnxruntime_genai/models/builders/base.py).
+SIZES = {
+    "phi3-mini": None,  # filled from KNOWN_TOWERS
+    "tiny": {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 320, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "max_position_embeddings": 512, "original_max_position_embeddings": 512,
+             "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "sliding_window": None},
+}
+# Between requests: the previous system's OpenMP / ORT worker threads spin a while after their last
+# op; a pause keeps that off the next system's TTFT.
+PAUSE_S = 0.2
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the HF directory
+
+
+def phi3_sizes(size: str, layers: int) -> dict[str, Any]:
+    from blip3v.model.config import KNOWN_TOWERS
+
+    sizes = dict(SIZES[size] or KNOWN_TOWERS["microsoft/Phi-3-mini-4k-instruct"])
+    sizes["num_hidden_layers"] = layers
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    linear_outs = {sizes["hidden_size"], 2 * sizes["intermediate_size"],
+                   (sizes["num_attention_heads"] + 2 * sizes["num_key_value_heads"]) * head_dim}
+    if head_dim % 16 or sizes["vocab_size"] in linear_outs:
+        raise ValueError(f"{size}: sizes the onnxruntime-genai builder cannot take or mis-reads (see SIZES)")
+    return sizes
+
+
+def make_phi3_dir(directory: Path, size: str, layers: int, seed: int = 0):
+    """A Phi3ForCausalLM with random weights saved as an HF directory (config, safetensors, a
+    word-level tokenizer.json that the builder can load) -> the model, float32, eval mode."""
+    import torch
+    from blip3v.model.tokenizer import BASE_SPECIALS, build_word_tokenizer
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    sizes = phi3_sizes(size, layers)
+    theta = sizes.pop("rope_theta")
+    conf = Phi3Config(**sizes, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(conf).float().eval()
+    model.save_pretrained(str(directory))
+    # Ordinary words fill ids up to the first special (32000 at Phi-3's vocabulary of 32064).
+    base = min(32000, conf.vocab_size - 64)
+    words = [f"w{i:05d}" for i in range(base - len(BASE_SPECIALS))]
+    tokenizer = build_word_tokenizer(words)
+    assert len(tokenizer) <= conf.vocab_size
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
+# ----------------------------------------------------------------------------- blip3v
+
+
+def _engine_shim(model):
+    """Phi3ForCausalLM -> the surface of XGenMMVideoModel that export/graphs.py and the export
+    checks read (`vlm.lang_model`, `embed_tokens`, `decoder`, `config.num_logits`)."""
+    import torch
+    from torch import nn
+
+    class Phi3Engine(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.vlm = nn.Module()
+            self.vlm.lang_model = lm
+            self.config = type("Cfg", (), {"num_logits": int(lm.config.vocab_size)})()
+
+        def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.vlm.lang_model.model.embed_tokens(input_ids)
+
+        def decoder(self, inputs_embeds: torch.Tensor, **kwargs):
+            out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **kwargs)
+            return self.vlm.lang_model.lm_head(out.last_hidden_state), out
+
+    return Phi3Engine(model).eval()
+
+
+def export_blip3v(model, directory: Path, attentions: Sequence[str], precision: str, golden: dict[str, Any],
+                  log: Log) -> dict[str, dict[str, Any]]:
+    """decoder.onnx per attention variant from `model` (float32, or float16 for "fp16"), each
+    checked against the float32 reference's `golden` outputs (prefill + cached decode steps,
+    blip3v.export.engine's tolerance for the precision) -> {attention: {path, max_abs_diff}}."""
+    from blip3v.export.engine import DEFAULT_OPSET, check_decoder, export_decoder
+
+    shim = _engine_shim(model)
+    conf = model.config
+    head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
+    dtype = np.dtype(DTYPES[precision])
+    out = {}
+    for attention in attentions:
+        path = directory / f"decoder-{attention}-{precision}.onnx"
+        t0 = time.perf_counter()
+        export_decoder(shim, path, DEFAULT_OPSET, attention)
+        diff = check_decoder(path, golden, precision, dtype, int(conf.num_key_value_heads), head_dim,
+                             int(conf.num_hidden_layers))
+        log(f"  blip3v decoder ({attention}, {precision}) exported and checked in {time.perf_counter() - t0:.0f} s, "
+            f"logits max abs diff {diff:.1e}")
+        out[attention] = {"path": path, "max_abs_diff": diff}
+    return out
+
+
+def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int):  # embeddings: graph dtype
+    """The runtime's OrtBackend around a decoder graph alone: exactly the state `generate` reads.
+
+    An engine directory also needs visual.onnx, which a plain Phi-3 has not, so this sets the
+    decoder side up as OrtBackend.__init__ does (same tensor names from the export's templates,
+    CPU session, no stop ids so every request runs N steps) and leaves the visual side out."""
+    import onnxruntime as ort
+    from blip3v.export.engine import KV_TEMPLATES
+    from blip3v.runtime.manifest import Manifest
+    from blip3v.runtime.ort_backend import OrtBackend
+
+    layers = int(conf.num_hidden_layers)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    backend = object.__new__(OrtBackend)
+    backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
+    backend.device, backend.ort_device = "cpu", "cpu"
+    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    backend.max_context = int(conf.max_position_embeddings)
+    backend.kv_heads = int(conf.num_key_value_heads)
+    backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
+    backend.dtype = embeddings.dtype
+    backend.embeddings = embeddings
+    backend.stop_ids = ()
+    backend.embeds_name, backend.mask_name, backend.position_name = "inputs_embeds", "attention_mask", "position_ids"
+    backend.logits_name = "logits"
+    backend.past_names = [KV_TEMPLATES[r].format(layer=i) for i in range(layers) for r in ("past_key", "past_value")]
+    backend.present_names = [KV_TEMPLATES[r].format(layer=i) for i in range(layers)
+                             for r in ("present_key", "present_value")]
+    return backend
+
+
+# ----------------------------------------------------------------------------- onnxruntime-genai
+
+
+def build_genai(hf_dir: Path, out: Path, threads: int, log: Log) -> Path:
+    """The builder's model (fp32, cpu) from the HF directory, in a subprocess (its own memory and
+    stdout); the session's intra-op threads set in genai_config.json like the other systems'."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+           "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError("onnxruntime-genai builder failed: " + " | ".join(tail))
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_path.write_text(json.dumps(config, indent=4))
+    log(f"  onnxruntime-genai model built in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- the systems
+
+
+@dataclass
+class Request:
+    """One timed request: when it started, when each new id was known, and the ids."""
+
+    start: float
+    marks: list[float]
+    tokens: list[int]
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.marks[0] - self.start) * 1e3
+
+    @property
+    def decode_ms(self) -> float:
+        """Mean interval between the ids after the first (ms/token)."""
+        return (self.marks[-1] - self.marks[0]) * 1e3 / (len(self.marks) - 1)
+
+
+@dataclass
+class System:
+    name: str
+    variant: str
+    precision: str
+    run: Callable[[np.ndarray, int], Request]  # (prompt ids (P,), new tokens) -> Request
+    requests: list[Request] = field(default_factory=list)
+
+
+def transformers_system(model, attn: str, precision: str) -> System:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """generate() puts the prompt once, then every new id as soon as it is chosen."""
+
+        def __init__(self):
+            self.marks: list[float] = []
+            self.tokens: list[int] = []
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.marks.append(time.perf_counter())
+            self.tokens += value.reshape(-1).tolist()
+
+        def end(self):
+            pass
+
+    model.config._attn_implementation = attn
+    pad = model.generation_config.pad_token_id
+
+    def run(ids: np.ndarray, n: int) -> Request:
+        clock = Clock()
+        start = time.perf_counter()
+        input_ids = torch.from_numpy(ids.astype(np.int64))[None]  # (1, P)
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, use_cache=True, streamer=clock, pad_token_id=pad)
+        return Request(start, clock.marks, clock.tokens)
+
+    return System("transformers", f"PyTorch eager, {attn}, DynamicCache", precision, run)
+
+
+def blip3v_system(backend, attention: str, precision: str) -> System:
+    from blip3v.runtime.generation import SamplingConfig
+
+    def run(ids: np.ndarray, n: int) -> Request:
+        marks: list[float] = []
+        tokens: list[int] = []
+
+        def on_token(_row: int, tok: int) -> None:
+            marks.append(time.perf_counter())
+            tokens.append(tok)
+
+        start = time.perf_counter()
+        embeds = backend.embed(ids[None].astype(np.int64))  # (1, P, D): the runtime's table lookup
+        mask = np.ones((1, len(ids)), np.int64)
+        backend.generate(embeds, mask, SamplingConfig(max_new_tokens=n), on_token=on_token)
+        return Request(start, marks, tokens)
+
+    return System("blip3v", f"ORT {attention}, IO binding", precision, run)
+
+
+def genai_system(model_dir: Path) -> System:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+
+    def run(ids: np.ndarray, n: int) -> Request:
+        marks: list[float] = []
+        tokens: list[int] = []
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        # min_length = max_length: end-of-text ids are masked until N ids are out, as in transformers.
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids.astype(np.int32))  # the prefill runs here
+        for _ in range(n):
+            gen.generate_next_token()  # picks from the last logits, running the model first if needed
+            marks.append(time.perf_counter())
+            tokens.append(int(gen.get_next_tokens()[0]))
+        return Request(start, marks, tokens)
+
+    return System("onnxruntime-genai", "builder model, og.Generator", "fp32", run)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats: int, log: Log) -> None:
+    for s in systems:  # warm-up: same shapes, excluded
+        s.run(prompt, min(new_tokens, 8))
+    for r in range(repeats):
+        for s in systems:  # interleaved: background load hits every system alike
+            time.sleep(PAUSE_S)
+            req = s.run(prompt, new_tokens)
+            if len(req.marks) != new_tokens:
+                raise RuntimeError(f"{s.name} ({s.variant}) produced {len(req.marks)} ids, not {new_tokens}")
+            s.requests.append(req)
+            log(f"  repeat {r + 1}/{repeats} {s.name:<18} {s.variant:<34} TTFT {req.ttft_ms:8.1f} ms  "
+                f"decode {req.decode_ms:7.2f} ms/token")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(systems: list[System]) -> list[dict[str, Any]]:
+    references = {s.precision: s.requests[0].tokens for s in systems if s.name == "transformers"}
+    rows = []
+    for s in systems:
+        reference = references.get(s.precision, [])  # transformers' greedy ids at the same precision
+        ttft = _stats([r.ttft_ms for r in s.requests])
+        dec = _stats([r.decode_ms for r in s.requests])
+        toks = s.requests[0].tokens
+        agree = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), min(len(toks), len(reference)))
+        rows.append({"name": s.name, "variant": s.variant, "precision": s.precision,
+                     "ttft_ms": ttft["median"], "ttft_ms_min": ttft["min"], "ttft_ms_max": ttft["max"],
+                     "decode_ms_per_token": dec["median"], "decode_ms_per_token_min": dec["min"],
+                     "decode_ms_per_token_max": dec["max"],
+                     "greedy_prefix_agreeing_with_transformers": agree})
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Speed-up of each blip3v row over each peer at the same precision (peer time / blip3v time),
+    and whether it is at least as fast as the faster peer on each metric."""
+    out = []
+    for ours in (r for r in rows if r["name"] == "blip3v"):
+        peers = [r for r in rows if r["name"] != "blip3v" and r["precision"] == ours["precision"]]
+        entry = {"blip3v": ours["variant"], "precision": ours["precision"], "vs": {}}
+        for peer in peers:
+            entry["vs"][peer["name"]] = {"ttft_speedup": peer["ttft_ms"] / ours["ttft_ms"],
+                                         "decode_speedup": peer["decode_ms_per_token"] / ours["decode_ms_per_token"]}
+        if peers:
+            entry["target_met"] = {
+                "ttft": ours["ttft_ms"] <= min(p["ttft_ms"] for p in peers),
+                "decode": ours["decode_ms_per_token"] <= min(p["decode_ms_per_token"] for p in peers)}
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def trace_summary(path: Path) -> dict[str, Any]:
+    """An ORT profiler trace of one request -> per op type, the prefill's ms (the first model_run)
+    and the mean ms per later run (one decode step each), plus the runs' own mean wall times."""
+    events = json.loads(Path(path).read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) < 2:
+        raise RuntimeError(f"{path}: the trace holds {len(runs)} model runs, expected a prefill and decode steps")
+    prefill_end = runs[0]["ts"] + runs[0]["dur"]
+    steps = len(runs) - 1
+    ops: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            entry = ops.setdefault(e.get("args", {}).get("op_name", "?"), {"prefill_ms": 0.0, "decode_ms_per_token": 0.0})
+            if e["ts"] < prefill_end:
+                entry["prefill_ms"] += e["dur"] / 1e3
+            else:
+                entry["decode_ms_per_token"] += e["dur"] / 1e3 / steps
+    return {"run_ms": {"prefill": runs[0]["dur"] / 1e3, "decode_per_token": sum(r["dur"] for r in runs[1:]) / 1e3 / steps},
+            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["decode_ms_per_token"]))}
+
+
+def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: int, prompt: np.ndarray,
+                   new_tokens: int, workdir: Path) -> dict[str, Any]:
+    """One blip3v request through a profiling session of the same graph."""
+    import onnxruntime as ort
+
+    backend = blip3v_backend(decoder_path, embeddings, conf, threads)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / "profile-blip3v")
+    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    blip3v_system(backend, "gqa", "fp32").run(prompt, new_tokens)
+    return trace_summary(Path(backend.decoder.end_profiling()))
+
+
+def profile_genai(model_dir: Path, prompt: np.ndarray, new_tokens: int, workdir: Path) -> dict[str, Any]:
+    """One onnxruntime-genai request with its session's profiler on (set in genai_config.json; the
+    trace is written when the model is released)."""
+    import gc
+
+    config_path = model_dir / "genai_config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    prefix = workdir / "profile-genai"
+    config["model"]["decoder"]["session_options"]["enable_profiling"] = str(prefix)
+    config_path.write_text(json.dumps(config, indent=4))
+    try:
+        system = genai_system(model_dir)
+        system.run(prompt, new_tokens)
+        del system
+        gc.collect()
+    finally:
+        config_path.write_text(original)
+    traces = sorted(workdir.glob("profile-genai*.json"))
+    if not traces:
+        raise RuntimeError("onnxruntime-genai wrote no profile")
+    return trace_summary(traces[-1])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("blip3v", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def device(threads: int) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "threads": threads, "system": platform.platform(),
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| system | variant | precision | TTFT ms (median, min-max) | decode ms/token (median, min-max) "
+            "| greedy ids = transformers' |")
+    lines = [head, "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['variant']} | {r['precision']} "
+                     f"| {r['ttft_ms']:.1f} ({r['ttft_ms_min']:.1f}-{r['ttft_ms_max']:.1f}) "
+                     f"| {r['decode_ms_per_token']:.2f} ({r['decode_ms_per_token_min']:.2f}-"
+                     f"{r['decode_ms_per_token_max']:.2f}) | first {r['greedy_prefix_agreeing_with_transformers']} |")
+    return "\n".join(lines)
+
+
+def ratio_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for entry in result["ratios"]:
+        parts = [f"{peer}: TTFT x{v['ttft_speedup']:.2f}, decode x{v['decode_speedup']:.2f}"
+                 for peer, v in entry["vs"].items()]
+        met = entry.get("target_met", {})
+        verdict = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
+        lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}) speed-up (peer time / blip3v time): {'; '.join(parts)}. "
+                     f"Target (at least as fast as the faster peer): {verdict}.")
+    return lines
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    cfg, dev = result["config"], result["device"]
+    v = result["versions"]
+    lines = [SECTION, "",
+             (f"Measured {result['date']} on the dev box's CPU: **{dev['cpu']}**, {dev['logical_cpus']} logical "
+              f"CPUs, {dev['threads']} threads per system (torch.set_num_threads / ORT intra-op threads), 1-minute "
+              f"load average {dev['load_average_1m_at_start']} at the start."),
+             "",
+             (f"Model: Phi3ForCausalLM with random weights ({cfg['size']}: hidden {cfg['hidden_size']}, MLP "
+              f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}), "
+              f"{cfg['layers']} layers; prompt {cfg['prompt_tokens']} random ids, {cfg['new_tokens']} new tokens "
+              f"(greedy, forced to the full count), {cfg['repeats']} timed repeats after one warm-up, interleaved. "
+              "TTFT: prompt ids to the first new id; decode: mean interval between the later ids."),
+             "",
+             "```", command, "```", "",
+             table(result["systems"]), "", *ratio_lines(result), "",
+             "Export check of the blip3v graphs against float32 PyTorch (prefill + 4 cached steps): "
+             + ", ".join(f"{k} max abs diff {x:.1e}" for k, x in result["export_check"].items()) + ".",
+             "",
+             "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "."]
+    if result.get("profile"):
+        profiles = result["profile"]
+        names = list(profiles)
+        lines += ["", ("Where the time goes (ORT profiler, one more request each; kernel time by op type, ms; "
+                       "op types under 1% of decode left out; `model_run` = the whole session call):"), "",
+                  "| op type | " + " | ".join(f"{n} prefill | {n} decode/token" for n in names) + " |",
+                  "|---|" + "---|---|" * len(names)]
+        shown: dict[str, None] = {}
+        for prof in profiles.values():
+            total = prof["run_ms"]["decode_per_token"] or 1.0
+            shown.update({op: None for op, p in prof["ops"].items() if p["decode_ms_per_token"] >= 0.01 * total})
+        for op in ["model_run", *shown]:
+            cells = []
+            for prof in profiles.values():
+                if op == "model_run":
+                    cells += [f"{prof['run_ms']['prefill']:.1f}", f"{prof['run_ms']['decode_per_token']:.2f}"]
+                else:
+                    p = prof["ops"].get(op)
+                    cells += [f"{p['prefill_ms']:.1f}", f"{p['decode_ms_per_token']:.2f}"] if p else ["-", "-"]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replaces this benchmark's section of RESULTS.md (or appends it), leaving the rest alone."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    start = old.find(SECTION)
+    if start < 0:
+        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        return
+    end = old.find("\n## ", start + len(SECTION))  # the next section, kept as it is
+    rest = "\n" + old[end + 1:] if end >= 0 else ""
+    path.write_text(old[:start] + text + rest)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_benchmark(args: argparse.Namespace, log: Log = _log) -> dict[str, Any]:
+    import copy
+
+    import torch
+    from blip3v.export.engine import decoder_golden
+
+    torch.set_num_threads(args.threads)
+    try:
+        import onnxruntime_genai  # noqa: F401
+        have_genai = not args.skip_genai
+    except ImportError:
+        have_genai = False
+        log("onnxruntime-genai is not installed: its row is left out (pip install onnxruntime-genai)")
+    sizes = phi3_sizes(args.size, args.layers)
+    if args.prompt_tokens + args.new_tokens > sizes["max_position_embeddings"]:
+        raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {work / 'phi3'}")
+        model = make_phi3_dir(work / "phi3", args.size, args.layers, args.seed)
+        conf = model.config
+        log(f"  written in {time.perf_counter() - t0:.0f} s")
+        golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
+        embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
+        systems, exports = [], {}
+        for precision in args.precision:
+            # fp16: a half copy for transformers and the export; the reference stays float32.
+            pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
+            exported = export_blip3v(pmodel, work, args.attention, precision, golden, log)
+            exports.update({f"{a} {precision}": e for a, e in exported.items()})
+            systems.append(transformers_system(pmodel, args.hf_attention, precision))
+            table_p = embeddings.astype(DTYPES[precision])
+            systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads), a, precision)
+                        for a, e in exported.items()]
+        if have_genai and "fp32" in args.precision:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
+            systems.append(genai_system(build_genai(work / "phi3", work / "genai", args.threads, log)))
+        systems.sort(key=lambda x: args.precision.index(x.precision))  # stable: rows grouped by precision
+        rng = np.random.default_rng(args.seed)
+        prompt = rng.integers(3, min(32000, conf.vocab_size - 64), size=args.prompt_tokens)  # ordinary word ids
+        log(f"timing: prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.repeats} repeats, "
+            f"{args.threads} threads")
+        measure(systems, prompt, args.new_tokens, args.repeats, log)
+        rows = summarize(systems)
+        result: dict[str, Any] = {
+            "systems": rows,
+            "ratios": ratios(rows),
+            "device": device(args.threads),
+            "versions": versions(),
+            "config": {"size": args.size, "layers": args.layers, "prompt_tokens": args.prompt_tokens,
+                       "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
+                       "hf_attention": args.hf_attention, "attention": list(args.attention),
+                       "precision": list(args.precision),
+                       **{k: sizes[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_key_value_heads", "vocab_size", "sliding_window")}},
+            "export_check": {a: e["max_abs_diff"] for a, e in exports.items()},
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+        }
+        if args.profile:
+            result["profile"] = {}
+            if "gqa fp32" in exports:
+                log("profiling one blip3v (gqa) request")
+                result["profile"]["blip3v gqa"] = profile_blip3v(exports["gqa fp32"]["path"], embeddings, conf,
+                                                                 args.threads, prompt, args.new_tokens, work)
+            if have_genai and "fp32" in args.precision:
+                log("profiling one onnxruntime-genai request")
+                result["profile"]["onnxruntime-genai"] = profile_genai(work / "genai", prompt, args.new_tokens, work)
+        log(f"done in {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the random Phi-3 (default 2)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens N per request (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats R after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="intra-op threads for every system (default: all logical CPUs)")
+    p.add_argument("--size", choices=sorted(SIZES), default="phi3-mini",
+                   help="phi3-mini: Phi-3-mini widths (default); tiny: test sizes")
+    p.add_argument("--attention", nargs="+", choices=("gqa", "standard"), default=["gqa", "standard"],
+                   help="blip3v decoder variants to export and time (default both)")
+    p.add_argument("--precision", nargs="+", choices=sorted(DTYPES), default=["fp32"],
+                   help="precisions to compare (default fp32; fp16 times blip3v and transformers only: the "
+                        "onnxruntime-genai builder makes no fp16 CPU model)")
+    p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="transformers attention implementation (default sdpa, its own default)")
+    p.add_argument("--skip-genai", action="store_true", help="leave onnxruntime-genai out")
+    p.add_argument("--profile", action="store_true", help="add ORT op-type profiles of one blip3v (gqa) and one onnxruntime-genai request")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--out-md", type=Path, metavar="PATH",
+                   help="write the result as the 'Decode speed' section of this Markdown file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if min(args.layers, args.prompt_tokens, args.repeats, args.threads) < 1 or args.new_tokens < 2:
+        print("error: sizes must be positive and --new-tokens at least 2", file=sys.stderr)
+        return 2
+    try:
+        result = run_benchmark(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 1
+    for r in result["systems"]:
+        for key in ("ttft_ms", "decode_ms_per_token"):
+            if not (math.isfinite(r[key]) and r[key] > 0):
+                print(f"error: {r['name']} {key} is {r[key]}", file=sys.stderr)
+                return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result["systems"]))
+        print("\n".join(ratio_lines(result)))
+    if args.out_md:
+        niceness = os.nice(0)
+        command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/bench_decode.py " + \
+            shlex.join(argv if argv is not None else sys.argv[1:])
+        write_section(args.out_md, markdown(result, command))
+        _log(f"wrote {args.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,7 +48,7 @@ from blip3v.kernels.decode_attention import decode_attention
 from blip3v.kernels.int4_matmul import GROUP_SIZES, Int4Weight, int4_linear, quantize_int4
 from blip3v.kernels.rmsnorm import add_rmsnorm
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.generation import Sampler, SamplingConfig
+from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
 
 WEIGHTS = ("dense", "int4")
 GRAPH_MODES = ("auto", "none", "cuda_graph", "compile")
@@ -314,16 +314,7 @@ class FastDecoder(nn.Module):
         done = np.zeros(batch, dtype=bool)
         for _ in range(sampling.max_new_tokens):
             tokens = sample(logits.float().cpu().numpy())  # (B,)
-            for row, tok in enumerate(tokens.tolist()):
-                if done[row]:
-                    continue
-                if tok in stop_ids:
-                    done[row] = True
-                    continue
-                out[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-            if done.all():
+            if accept_tokens(tokens, stop_ids, done, out, on_token):
                 break
             logits = step(torch.from_numpy(tokens).to(self.device), positions)
             positions = positions + 1

@@ -22,7 +22,7 @@ from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +64,7 @@ def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mas
         logits, _ = model.decoder(step_embeds, attention_mask=mask, position_ids=step_positions,
                                   past_key_values=cache, use_cache=use_cache)
         tokens = sample(logits[:, -1].float().cpu().numpy())  # (B,)
-        for row, tok in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if tok in stop_ids:
-                done[row] = True
-                continue
-            out[row].append(tok)
-            if on_token is not None:
-                on_token(row, tok)
-        if done.all():
+        if accept_tokens(tokens, stop_ids, done, out, on_token):
             break
         next_ids = torch.from_numpy(tokens).view(batch, 1).to(inputs_embeds.device)
         next_embeds = model.embed_tokens(next_ids).to(inputs_embeds.dtype)  # (B, 1, D)

@@ -59,6 +59,22 @@ class Sampler:
         return out
 
 
+def accept_tokens(tokens: np.ndarray, stop_ids: tuple[int, ...], done: np.ndarray, out: list[list[int]],
+                  on_token: Callable[[int, int], None] | None = None) -> bool:
+    """One decode step's bookkeeping, shared by every backend: each unfinished row keeps its token
+    (a stop id finishes the row instead and is not kept). Returns True when every row is done."""
+    for row, tok in enumerate(tokens.tolist()):
+        if done[row]:
+            continue
+        if tok in stop_ids:
+            done[row] = True
+            continue
+        out[row].append(tok)
+        if on_token is not None:
+            on_token(row, tok)
+    return bool(done.all())
+
+
 class TextStream:
     """Turns a growing list of token ids into newly finished text, for printing as it comes."""
 

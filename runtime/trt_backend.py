@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens
 from blip3v.runtime.manifest import Manifest, load_manifest
 from blip3v.runtime.tokenizer import PromptTokenizer
 
@@ -480,16 +480,7 @@ class TrtBackend(AskMixin):
             if step == 0 and marks is not None:
                 marks.append(time.perf_counter())
             used += s
-            for row, tok in enumerate(tokens.tolist()):
-                if done[row]:
-                    continue
-                if tok in self.stop_ids:
-                    done[row] = True
-                    continue
-                out[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-            if done.all() or step == sampling.max_new_tokens - 1:
+            if accept_tokens(tokens, self.stop_ids, done, out, on_token) or step == sampling.max_new_tokens - 1:
                 break
             full_mask[:, used] = 1
             step_pos = step_pos[:, -1:] + 1  # (B, 1)

@@ -58,6 +58,16 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return HAS_TRITON and all(t.is_cuda for t in tensors)
 
 
+def check_targets() -> tuple[str, tuple[torch.dtype, ...]]:
+    """Where each kernel's `check()` runs: every dtype on CUDA, fp32 under the CPU interpreter
+    (it has no bfloat16: triton-lang/triton#11584)."""
+    if torch.cuda.is_available():
+        return "cuda", (torch.float32, torch.float16, torch.bfloat16)
+    if not interpreting():
+        raise RuntimeError("no GPU: set TRITON_INTERPRET=1 before importing this module to check on CPU")
+    return "cpu", (torch.float32,)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from blip3v.kernels._triton import HAS_TRITON, gpu_or_say_why, interpreting, num_sms, time_ms, use_triton
+from blip3v.kernels._triton import HAS_TRITON, check_targets, gpu_or_say_why, num_sms, time_ms, use_triton
 
 if HAS_TRITON:
     import triton
@@ -196,10 +196,7 @@ def check_case(m: int, k: int, n: int, group: int, split_k: int | None = None,
 
 
 def check() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not interpreting():
-        raise RuntimeError("no GPU: set TRITON_INTERPRET=1 before importing this module to check on CPU")
-    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    device, dtypes = check_targets()
     for dtype in dtypes:
         for case in CHECK_CASES:
             print(f"int4_matmul {case} {dtype}: max |diff| {check_case(*case, dtype=dtype, device=device):.3g}")

@@ -15,7 +15,7 @@ in fp32, the normalised row cast back to the tensor dtype before the weight mult
 
 import torch
 
-from blip3v.kernels._triton import HAS_TRITON, gpu_or_say_why, interpreting, next_pow2, time_ms, use_triton
+from blip3v.kernels._triton import HAS_TRITON, check_targets, gpu_or_say_why, next_pow2, time_ms, use_triton
 
 if HAS_TRITON:
     import triton
@@ -115,10 +115,7 @@ def check_case(rows: int, d: int, with_residual: bool, dtype: torch.dtype = torc
 
 
 def check() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not interpreting():
-        raise RuntimeError("no GPU: set TRITON_INTERPRET=1 before importing this module to check on CPU")
-    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    device, dtypes = check_targets()
     for dtype in dtypes:
         for case in CHECK_CASES:
             print(f"add_rmsnorm {case} {dtype}: max |diff| {check_case(*case, dtype=dtype, device=device):.3g}")

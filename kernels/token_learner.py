@@ -19,7 +19,7 @@ Program (group, M block, D block) walks n in tiles: running max and sum per m, a
 
 import torch
 
-from blip3v.kernels._triton import HAS_TRITON, gpu_or_say_why, interpreting, next_pow2, time_ms, use_triton
+from blip3v.kernels._triton import HAS_TRITON, check_targets, gpu_or_say_why, next_pow2, time_ms, use_triton
 
 if HAS_TRITON:
     import triton
@@ -147,10 +147,7 @@ def check_case(lead: tuple[int, ...], n: int, d: int, m: int, dtype: torch.dtype
 
 
 def check() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not interpreting():
-        raise RuntimeError("no GPU: set TRITON_INTERPRET=1 before importing this module to check on CPU")
-    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    device, dtypes = check_targets()
     for dtype in dtypes:
         for case in CHECK_CASES:
             print(f"token_learner {case} {dtype}: max |diff| {check_case(*case, dtype=dtype, device=device):.3g}")

@@ -3,7 +3,8 @@
     python benchmarks/bench_decode.py --layers 4 --prompt-tokens 128 --new-tokens 64 --repeats 3 \
         [--json] [--out-md benchmarks/RESULTS.md] [--profile]
 
-One run builds, in a temporary folder, a Hugging Face Phi-3 directory (Phi3ForCausalLM, random
+or `blip3v bench decode --lm HF_PHI3_DIR` on any Phi-3 directory (`blip3v bench make-lm` writes the
+random one below). Without `--lm`, one run builds, in a temporary folder, a Hugging Face Phi-3 directory (Phi3ForCausalLM, random
 weights) at Phi-3-mini width (hidden 3072, MLP 8192, 32 heads of 96, vocab 32064, window 2047)
 with `--layers` layers, so it fits a CPU, then times the same weights and the same prompt ids in
 
@@ -39,9 +40,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from blip3v.benchmarks.common import Log, device, log_stderr, stats, versions, write_section
 
 SECTION = "## Decode speed (ONNX Runtime backend vs peers)"
 
@@ -70,13 +71,6 @@ SIZES = {
 # op; a pause keeps that off the next system's TTFT.
 PAUSE_S = 0.2
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-
-Log = Callable[[str], None]
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 # ----------------------------------------------------------------------------- the HF directory
 
@@ -166,7 +160,8 @@ def export_blip3v(model, directory: Path, attentions: Sequence[str], precision: 
     return out
 
 
-def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int):  # embeddings: graph dtype
+def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int,
+                   providers: Sequence[str] = ("CPUExecutionProvider",)):  # embeddings: graph dtype
     """The runtime's OrtBackend around a decoder graph alone: exactly the state `generate` reads.
 
     An engine directory also needs visual.onnx, which a plain Phi-3 has not, so this sets the
@@ -183,8 +178,9 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     options.intra_op_num_threads = threads
     backend = object.__new__(OrtBackend)
     backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
-    backend.device, backend.ort_device = "cpu", "cpu"
-    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    on_gpu = "CUDAExecutionProvider" in providers
+    backend.device, backend.ort_device = ("cuda", "cuda") if on_gpu else ("cpu", "cpu")
+    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=list(providers))
     backend.max_context = int(conf.max_position_embeddings)
     backend.kv_heads = int(conf.num_key_value_heads)
     backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
@@ -278,7 +274,7 @@ def transformers_system(model, attn: str, precision: str) -> System:
     def run(ids: np.ndarray, n: int) -> Request:
         clock = Clock()
         start = time.perf_counter()
-        input_ids = torch.from_numpy(ids.astype(np.int64))[None]  # (1, P)
+        input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(model.device)  # (1, P)
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, use_cache=True, streamer=clock, pad_token_id=pad)
         return Request(start, clock.marks, clock.tokens)
@@ -346,17 +342,13 @@ def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats:
                 f"decode {req.decode_ms:7.2f} ms/token")
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def summarize(systems: list[System]) -> list[dict[str, Any]]:
     references = {s.precision: s.requests[0].tokens for s in systems if s.name == "transformers"}
     rows = []
     for s in systems:
         reference = references.get(s.precision, [])  # transformers' greedy ids at the same precision
-        ttft = _stats([r.ttft_ms for r in s.requests])
-        dec = _stats([r.decode_ms for r in s.requests])
+        ttft = stats([r.ttft_ms for r in s.requests])
+        dec = stats([r.decode_ms for r in s.requests])
         toks = s.requests[0].tokens
         agree = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), min(len(toks), len(reference)))
         rows.append({"name": s.name, "variant": s.variant, "precision": s.precision,
@@ -453,29 +445,6 @@ def profile_genai(model_dir: Path, prompt: np.ndarray, new_tokens: int, workdir:
 # ----------------------------------------------------------------------------- report
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("blip3v", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def device(threads: int) -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "threads": threads, "system": platform.platform(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| system | variant | precision | TTFT ms (median, min-max) | decode ms/token (median, min-max) "
             "| greedy ids = transformers' |")
@@ -543,58 +512,126 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces this benchmark's section of RESULTS.md (or appends it), leaving the rest alone."""
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))  # the next section, kept as it is
-    rest = "\n" + old[end + 1:] if end >= 0 else ""
-    path.write_text(old[:start] + text + rest)
-
-
 # ----------------------------------------------------------------------------- main
 
 
-def run_benchmark(args: argparse.Namespace, log: Log = _log) -> dict[str, Any]:
+def load_lm(directory: Path, log: Log):
+    """An HF Phi-3 directory -> Phi3ForCausalLM, float32, eval mode; one-line errors for what it is not."""
+    from blip3v.errors import InputError
+    from transformers import Phi3ForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise InputError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    try:
+        conf = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{directory / 'config.json'}: not valid JSON ({exc})") from None
+    if conf.get("model_type") != "phi3":
+        raise InputError(f"{directory}: model_type {conf.get('model_type')!r}, this benchmark runs Phi-3 ('phi3')")
+    t0 = time.perf_counter()
+    try:
+        model = Phi3ForCausalLM.from_pretrained(str(directory), dtype="float32").eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{directory}: cannot load the Phi-3 weights ({str(exc).splitlines()[0]})") from None
+    log(f"Phi-3 from {directory} ({model.config.num_hidden_layers} layers) loaded in {time.perf_counter() - t0:.0f} s")
+    return model
+
+
+def torch_system(model, precision: str, device_name: str, threads: int) -> System:
+    """This project's PyTorch decoder (blip3v.model.fast_decode.FastDecoder: static KV buffers written
+    in place, CUDA-graph step on a GPU) around the same Phi-3."""
+    import torch
+    from blip3v.model.fast_decode import FastDecoder
+    from blip3v.runtime.generation import SamplingConfig
+
+    fast = FastDecoder(_engine_shim(model), max_batch=1)
+    embed = model.model.embed_tokens
+
+    def run(ids: np.ndarray, n: int) -> Request:
+        marks: list[float] = []
+        tokens: list[int] = []
+
+        def on_token(_row: int, tok: int) -> None:
+            marks.append(time.perf_counter())
+            tokens.append(tok)
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(device_name)
+            embeds = embed(input_ids)
+            fast.generate(embeds, torch.ones_like(input_ids), SamplingConfig(max_new_tokens=n), (), on_token=on_token)
+        return Request(start, marks, tokens)
+
+    graph = "CUDA graph step" if fast.graph_mode == "cuda_graph" else "eager step"
+    return System("blip3v", f"torch static KV, {graph}", precision, run)
+
+
+def _ort_providers(device_name: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device_name == "cpu":
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
+
+
+def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, Any]:
+    """Times every system on the Phi-3 in `args.lm` (an HF directory), or on a random one of
+    `args.size` / `args.layers` written to a temporary folder when `args.lm` is None."""
     import copy
 
     import torch
     from blip3v.export.engine import decoder_golden
 
     torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    backends = list(args.backend)
+    if "onnxruntime" in backends and not _ort_providers(args.device):
+        log("onnxruntime has no CUDA execution provider here (pip install onnxruntime-gpu): its rows are left out")
+        backends.remove("onnxruntime")
     try:
         import onnxruntime_genai  # noqa: F401
-        have_genai = not args.skip_genai
+        have_genai = not args.skip_genai and not cuda  # the installed build is the CPU one
     except ImportError:
         have_genai = False
         log("onnxruntime-genai is not installed: its row is left out (pip install onnxruntime-genai)")
-    sizes = phi3_sizes(args.size, args.layers)
-    if args.prompt_tokens + args.new_tokens > sizes["max_position_embeddings"]:
-        raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {work / 'phi3'}")
-        model = make_phi3_dir(work / "phi3", args.size, args.layers, args.seed)
+        if args.lm is None:
+            lm_dir = work / "phi3"
+            log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {lm_dir}")
+            model = make_phi3_dir(lm_dir, args.size, args.layers, args.seed)
+            log(f"  written in {time.perf_counter() - t0:.0f} s")
+            described = f"Phi3ForCausalLM, random weights ({args.size}), {args.layers} layers"
+        else:
+            lm_dir = Path(args.lm)
+            model = load_lm(lm_dir, log)
+            described = f"{lm_dir} ({model.config.num_hidden_layers} layers)"
         conf = model.config
-        log(f"  written in {time.perf_counter() - t0:.0f} s")
+        if args.prompt_tokens + args.new_tokens > conf.max_position_embeddings:
+            raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
         golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
         embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
         systems, exports = [], {}
         for precision in args.precision:
-            # fp16: a half copy for transformers and the export; the reference stays float32.
+            # a copy per precision and device for transformers and the export; the reference stays float32.
             pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
-            exported = export_blip3v(pmodel, work, args.attention, precision, golden, log)
-            exports.update({f"{a} {precision}": e for a, e in exported.items()})
-            systems.append(transformers_system(pmodel, args.hf_attention, precision))
-            table_p = embeddings.astype(DTYPES[precision])
-            systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads), a, precision)
-                        for a, e in exported.items()]
+            if "onnxruntime" in backends:
+                exported = export_blip3v(pmodel, work, args.attention, precision, golden, log)
+                exports.update({f"{a} {precision}": e for a, e in exported.items()})
+                table_p = embeddings.astype(DTYPES[precision])
+                systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads,
+                                                         _ort_providers(args.device)), a, precision)
+                            for a, e in exported.items()]
+            dmodel = copy.deepcopy(pmodel).to(args.device) if cuda else pmodel
+            systems.append(transformers_system(dmodel, args.hf_attention, precision))
+            if "torch" in backends:
+                systems.append(torch_system(dmodel, precision, args.device, args.threads))
         if have_genai and "fp32" in args.precision:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
-            systems.append(genai_system(build_genai(work / "phi3", work / "genai", args.threads, log)))
+            systems.append(genai_system(build_genai(lm_dir, work / "genai", args.threads, log)))
         systems.sort(key=lambda x: args.precision.index(x.precision))  # stable: rows grouped by precision
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(3, min(32000, conf.vocab_size - 64), size=args.prompt_tokens)  # ordinary word ids
@@ -605,14 +642,15 @@ def run_benchmark(args: argparse.Namespace, log: Log = _log) -> dict[str, Any]:
         result: dict[str, Any] = {
             "systems": rows,
             "ratios": ratios(rows),
-            "device": device(args.threads),
+            "device": device(args.threads, cuda),
             "versions": versions(),
-            "config": {"size": args.size, "layers": args.layers, "prompt_tokens": args.prompt_tokens,
+            "config": {"model": described, "device": args.device, "size": args.size if args.lm is None else None,
+                       "layers": int(conf.num_hidden_layers), "prompt_tokens": args.prompt_tokens,
                        "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                        "hf_attention": args.hf_attention, "attention": list(args.attention),
-                       "precision": list(args.precision),
-                       **{k: sizes[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                "num_key_value_heads", "vocab_size", "sliding_window")}},
+                       "backend": backends, "precision": list(args.precision),
+                       **{k: getattr(conf, k, None) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                              "num_key_value_heads", "vocab_size", "sliding_window")}},
             "export_check": {a: e["max_abs_diff"] for a, e in exports.items()},
             "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
         }
@@ -632,7 +670,12 @@ def run_benchmark(args: argparse.Namespace, log: Log = _log) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lm", type=Path, default=None, metavar="HF_PHI3_DIR",
+                   help="time this Hugging Face Phi-3 directory (default: a random one of --size / --layers)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the random Phi-3 (default 2)")
+    p.add_argument("--backend", nargs="+", choices=("onnxruntime", "torch"), default=["onnxruntime", "torch"],
+                   help="this project's runtimes to time (default both)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every system runs (default cpu)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens N per request (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats R after one warm-up (default 3)")
@@ -680,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         niceness = os.nice(0)
         command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/bench_decode.py " + \
             shlex.join(argv if argv is not None else sys.argv[1:])
-        write_section(args.out_md, markdown(result, command))
-        _log(f"wrote {args.out_md}")
+        write_section(args.out_md, SECTION, markdown(result, command))
+        log_stderr(f"wrote {args.out_md}")
     return 0
 
 

@@ -1,0 +1,114 @@
+"""What every benchmark records and how it reports: versions, the machine, spreads, peak memory,
+and the RESULTS.md section writer. Shared by `bench_decode` and `bench_budget`."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Log = Callable[[str], None]
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def versions(packages: tuple[str, ...] = ("blip3v", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
+                                           "onnxruntime-gpu", "onnxruntime-genai", "numpy")) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def cpu_name() -> str:
+    name = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), name)
+    except OSError:
+        pass
+    return name
+
+
+def device(threads: int, cuda: bool = False) -> dict[str, Any]:
+    """The machine as every result records it; the GPU's name and memory when `cuda`."""
+    out: dict[str, Any] = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "threads": threads,
+                           "system": platform.platform(), "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+    if cuda:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda)
+    return out
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every `interval` s by a
+    thread (Linux /proc; elsewhere the process-lifetime peak from getrusage, marked as such)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self.lifetime = not os.path.exists("/proc/self/statm")
+        self._stop = threading.Event()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        if not self.lifetime:
+            self.peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lifetime:
+            import resource
+
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replaces the `section` heading's part of a Markdown file (or appends it), leaving the rest alone."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    start = old.find(section)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(section))  # the next section, kept as it is
+        rest = "\n" + old[end + 1:] if end >= 0 else ""
+        new = old[:start] + text + rest
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)

@@ -1,0 +1,202 @@
+"""`blip3v bench`: latency per token budget, decode speed against peers, and the random Phi-3 they use.
+
+The benchmarks live in `benchmarks/` (package `blip3v.benchmarks`); this module only parses options
+and prints. Figures come with the device, versions, precision, backend and model they were taken on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from blip3v.errors import InputError
+
+CPUS = os.cpu_count() or 1
+
+
+def _csv(allowed: tuple[str, ...]):
+    def parse(_ctx, _param, value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise click.BadParameter(f"{', '.join(bad) or 'nothing given'}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def _write_results(path: str, section: str, text: str) -> None:
+    from blip3v.benchmarks.common import write_section
+
+    write_section(Path(path), section, text)
+    click.echo(f"wrote {path}", err=True)
+
+
+def _command_line() -> str:
+    return "blip3v " + shlex.join(sys.argv[sys.argv.index("bench"):] if "bench" in sys.argv else sys.argv[1:])
+
+
+@click.group("bench")
+def command() -> None:
+    """Measure latency: per token budget (`budget`) and decode speed against peers (`decode`)."""
+
+
+@command.command("budget")
+@click.option("--model", default="demo", show_default=True,
+              help="demo (the shipped checkpoint), real (random weights at the released sizes) or a checkpoint DIR.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Decoder layers of --model real (32 = full Phi-3-mini depth).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="torch times each visual stage on its own; onnxruntime exports an engine per budget (one fused visual graph).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: fp32 on cpu, fp16 on cuda.")
+@click.option("--budgets", default="16,32,64,128,none,raw", show_default=True,
+              callback=_csv(("16", "32", "64", "128", "none", "raw")),
+              help="Comma-separated: video tokens M, none (all T x N resampler latents), raw (every SigLIP token).")
+@click.option("--temporal", type=click.Choice(["gttm_tl", "tl"]), default="gttm_tl", show_default=True,
+              help="Temporal encoder that pools to M tokens.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per budget (medians reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Excluded runs first.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=16, show_default=True,
+              help="Answer length: every request generates exactly this many tokens.")
+@click.option("--video", type=click.Path(dir_okay=False), default=None, help="Clip to decode. Default: the sample clip.")
+@click.option("--question", default="what colour does the triangle turn?", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "reference", "static"]), default="auto", show_default=True,
+              help="torch backend decoder (auto: static KV + CUDA graph on cuda, transformers' cache on cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=CPUS, show_default=True, help="CPU threads.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of stage latency per budget.")
+@click.option("--results", type=click.Path(dir_okay=False), default=None,
+              help="Write the table as a section of this Markdown file (e.g. benchmarks/RESULTS.md).")
+@click.option("--title", default=None, help="Heading of that section (default: model, backend and device).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"budgets": [{"budget", "tokens", "ttft_ms", "decode_ms_per_token", "stages_ms"}, ...], ...}.')
+def budget(model, layers, backend, device, precision, budgets, temporal, repeats, warmup, new_tokens, video,
+           question, decoder, threads, plot, results, title, quiet, as_json) -> None:
+    """Cost of each stage at each video-token budget M, beside no temporal encoder and raw SigLIP tokens.
+
+    \b
+    TTFT is the time from the encoded video to the first answer token (splice + prefill), the part
+    the budget changes; e2e is the whole request from the video file to the last token.
+    Examples:
+      blip3v bench budget                                  # the demo model on this CPU
+      blip3v bench budget --model real --layers 2 --repeats 2 --plot budget.png
+      blip3v bench budget --model real --layers 32 --device cuda --json
+    """
+    from blip3v.benchmarks.bench_budget import BudgetOptions, markdown, plot as draw, run_budget, summary_lines, table
+
+    if plot and not plot.lower().endswith(".png"):
+        raise InputError("--plot writes a PNG: give a file name ending in .png")
+    opts = BudgetOptions(model=model, layers=layers, backend=backend, device=device,
+                         precision=precision or ("fp16" if device == "cuda" else "fp32"), budgets=budgets,
+                         temporal=temporal, repeats=repeats, warmup=warmup, new_tokens=new_tokens, video=video,
+                         question=question, threads=threads, decoder=decoder)
+    log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = run_budget(opts, log=log, progress=not quiet)
+    if plot:
+        draw(result, plot)
+        log(f"wrote {plot}")
+    if results:
+        cfg = result["config"]
+        where = result["device"].get("gpu") or "CPU"
+        _write_results(results, "## Latency per token budget",
+                       markdown(result, _command_line(), title or f"{cfg['model']}, {cfg['backend']}, {where}"))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(table(result))
+    for line in summary_lines(result):
+        click.echo(line)
+
+
+@command.command("decode")
+@click.option("--lm", type=click.Path(file_okay=False), default=None, metavar="HF_PHI3_DIR",
+              help="Hugging Face Phi-3 directory to time (see `blip3v bench make-lm`). Default: a random Phi-3 "
+                   "of --size with --layers layers, built for this run.")
+@click.option("--size", type=click.Choice(["phi3-mini", "tiny"]), default="phi3-mini", show_default=True,
+              help="Widths of the random Phi-3 when no --lm is given.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Layers of the random Phi-3 when no --lm is given.")
+@click.option("--backend", default="onnxruntime,torch", show_default=True, callback=_csv(("onnxruntime", "torch")),
+              help="This project's runtimes to time, comma-separated.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", default=None, callback=lambda c, p, v: _csv(("fp32", "fp16"))(c, p, v) if v else None,
+              help="Comma-separated precisions. Default: fp32,fp16 (every one this machine runs).")
+@click.option("--attention", default="gqa,standard", show_default=True, callback=_csv(("gqa", "standard")),
+              help="ONNX decoder variants (GroupQueryAttention, or plain ONNX ops).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed requests per system after one warm-up, interleaved across systems.")
+@click.option("--threads", type=click.IntRange(min=1), default=CPUS, show_default=True)
+@click.option("--skip-genai", is_flag=True, help="Leave onnxruntime-genai out even where it is installed.")
+@click.option("--results", type=click.Path(dir_okay=False), default=None,
+              help="Write the result as the decode section of this Markdown file (e.g. benchmarks/RESULTS.md).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"systems": [{"name", "precision", "ttft_ms", "decode_ms_per_token"}, ...], "ratios", ...}.')
+def decode(lm, size, layers, backend, device, precision, attention, prompt_tokens, new_tokens, repeats, threads,
+           skip_genai, results, quiet, as_json) -> None:
+    """Decode ms/token and time to first token: this project's runtimes (named blip3v) against
+    transformers' eager generation and onnxruntime-genai (where installed), same weights, one run.
+
+    Ratios are peer time / blip3v time (> 1: blip3v is faster)."""
+    import argparse
+
+    from blip3v.benchmarks import bench_decode as bd
+
+    args = argparse.Namespace(lm=lm, size=size, layers=layers, backend=list(backend), device=device,
+                              precision=list(precision or ("fp32", "fp16")), attention=list(attention),
+                              prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                              hf_attention="sdpa", skip_genai=skip_genai, profile=False, seed=0)
+    log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
+    try:
+        result = bd.run_benchmark(args, log)
+    except ValueError as exc:
+        raise InputError(str(exc).splitlines()[0]) from None
+    for r in result["systems"]:
+        if not all(isinstance(r[k], float) and r[k] > 0 and r[k] < float("inf") for k in ("ttft_ms", "decode_ms_per_token")):
+            raise InputError(f"{r['name']} ({r['variant']}): a timing is not positive and finite")
+    if results:
+        _write_results(results, bd.SECTION, bd.markdown(result, _command_line()))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(bd.table(result["systems"]))
+    for line in bd.ratio_lines(result):
+        click.echo(line)
+
+
+@command.command("make-lm")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the Phi-3.")
+@click.option("--size", type=click.Choice(["phi3-mini", "tiny"]), default="phi3-mini", show_default=True,
+              help="phi3-mini: Phi-3-mini widths (hidden 3072, MLP 8192, 32 heads, vocab 32064); tiny: test sizes.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Decoder layers (32 = full depth).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_lm(out, size, layers, seed) -> None:
+    """Write a Hugging Face Phi-3 directory with random weights (config, safetensors, tokenizer) for
+    `bench decode --lm` and for peers' builders (onnxruntime-genai)."""
+    import shutil
+    import tempfile
+
+    from blip3v.benchmarks.bench_decode import make_phi3_dir
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target} exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        make_phi3_dir(tmp, size, layers, seed)
+        if target.exists():
+            target.rmdir()
+        tmp.replace(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    click.echo(f"wrote {target} (Phi-3 {size}, {layers} layers, random weights)")

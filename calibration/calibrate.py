@@ -1,0 +1,268 @@
+"""`blip3v calibrate`: an fp32 engine directory -> a quantized engine directory and a report.
+
+    visual   int8: Q/DQ graph calibrated on video frames (calibration/visual_int8.py) | fp32: as is
+    decoder  int4 / int8: weight-only MatMulNBits, activation-aware scales from prompts that carry
+             the visual graph's own video tokens (calibration/weight_only.py) | fp32: as is
+
+The new engine is the old one with its graph files replaced and the manifest extended by a
+`quantization` block (precision, method, sample count, sha256 of the calibration set). It is built
+in a temporary folder beside the output and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from blip3v.calibration.data import CalibrationSet
+from blip3v.errors import InputError
+
+VISUAL_CHOICES = ("int8", "fp32")
+DECODER_CHOICES = ("int4", "int8", "fp32")
+CALIBRATION_SEED = 424_242  # synthetic calibration clips: far from eval seeds and the training stream
+HELD_OUT_SEED = 31_337  # synthetic clips for the agreement check
+
+
+@dataclass
+class CalibrateOptions:
+    visual: str = "int8"
+    decoder: str = "int4"
+    method: str = "entropy"  # visual activation ranges
+    weights: str = "awq"  # decoder scales: awq | rtn
+    block_size: int = 32
+    accuracy_level: int = 0  # MatMulNBits compute: 0 = unset (float), 4 = int8 activations
+    samples: int = 32
+    keep: int = 2  # visual layers kept in float by the sensitivity pass
+    eval_n: int = 200
+    compare_rtn: bool = True  # also score round-to-nearest on the held-out clips
+
+    def check(self) -> None:
+        if self.visual == "fp16" or self.decoder == "fp16":
+            raise InputError("fp16 is an export precision: use `blip3v export --precision fp16` (calibrate quantizes "
+                             "an fp32 engine to int8/int4)")
+        if self.visual not in VISUAL_CHOICES:
+            raise InputError(f"--visual must be one of {', '.join(VISUAL_CHOICES)}")
+        if self.decoder not in DECODER_CHOICES:
+            raise InputError(f"--decoder must be one of {', '.join(DECODER_CHOICES)}")
+        if self.visual == "fp32" and self.decoder == "fp32":
+            raise InputError("nothing to do: --visual fp32 and --decoder fp32")
+
+
+def _synth(folder: Path, n: int, seed: int) -> Path:
+    from blip3v.data.synth import write_dataset
+
+    write_dataset(folder, n=n, seed=seed, progress=False)
+    return folder
+
+
+def decoder_feeds(backend, calib: CalibrationSet) -> list[dict[str, np.ndarray]]:
+    """One prefill feed per calibration clip: its question's prompt with the clip's video tokens
+    (from the engine's float visual graph) spliced in, an empty KV cache of the prompt's size."""
+    feeds = []
+    for clip, question in zip(calib.clips, calib.questions):
+        video = backend.encode_video(clip[None])
+        embeds, mask = backend.splice([backend.tokenizer.encode_prompt(question)], video)
+        s = embeds.shape[1]
+        feed = {backend.embeds_name: embeds, backend.mask_name: mask,
+                backend.position_name: np.arange(s, dtype=np.int64)[None]}
+        for name in backend.past_names:
+            feed[name] = np.zeros((1, backend.kv_heads, s, backend.head_dim), backend.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def _sizes(directory: Path, names: list[str]) -> dict[str, int]:
+    return {n: sum(p.stat().st_size for p in directory.glob(n + "*")) for n in names}
+
+
+def _timings(engine: Path, clips: np.ndarray, question: str, new_tokens: int = 16) -> dict[str, float]:
+    """Median visual ms and decode ms/token over a few clips (exactly `new_tokens` tokens each)."""
+    from blip3v.runtime.generation import SamplingConfig
+    from blip3v.runtime.ort_backend import OrtBackend
+
+    backend = OrtBackend.load(engine)
+    backend.stop_ids = ()
+    visual, decode = [], []
+    rows = [backend.tokenizer.encode_prompt(question)]
+    for i, clip in enumerate(list(clips) * 2):
+        t0 = time.perf_counter()
+        video = backend.encode_video(clip[None])
+        t1 = time.perf_counter()
+        embeds, mask = backend.splice(rows, video)
+        marks: list[float] = []
+        backend.generate(embeds, mask, SamplingConfig(max_new_tokens=new_tokens),
+                         on_token=lambda _r, _t: marks.append(time.perf_counter()))
+        if i >= len(clips):  # the first pass warms up
+            visual.append((t1 - t0) * 1e3)
+            decode.append((marks[-1] - marks[0]) * 1e3 / (len(marks) - 1))
+    return {"visual_ms": float(np.median(visual)), "decode_ms_per_token": float(np.median(decode))}
+
+
+def _answers(engine: Path, data: Path) -> dict[str, Any]:
+    from blip3v.data.evaluate import evaluate
+    from blip3v.runtime.ort_backend import OrtBackend
+
+    return evaluate(OrtBackend.load(engine), data, batch_size=16, progress=False)
+
+
+def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+    from blip3v.data.synth import normalise_answer
+
+    pairs = zip(a["predictions"], b["predictions"])
+    same = [normalise_answer(x["prediction"]) == normalise_answer(y["prediction"]) for x, y in pairs]
+    return float(np.mean(same))
+
+
+def _write_engine(source: Path, out: Path, graphs: dict[str, onnx.ModelProto], quantization: dict[str, Any]) -> None:
+    from blip3v.calibration.graph import save_model
+    from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, write_manifest
+
+    manifest = json.loads((source / MANIFEST_NAME).read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in manifest["files"]:
+            if not any(name == manifest[g]["file"] or name.startswith(manifest[g]["file"] + ".") for g in graphs):
+                shutil.copy2(source / name, tmp / name)
+        names = [n for n in manifest["files"] if (tmp / n).exists()]
+        for role, model in graphs.items():
+            path = tmp / manifest[role]["file"]
+            save_model(model, path)
+            names += [p.name for p in tmp.glob(path.name + "*")]
+        manifest["quantization"] = quantization
+        manifest["files"] = file_entries(tmp, sorted(set(names)))
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def calibrate_engine(engine: str | Path, out: str | Path, videos: str | Path | None, opts: CalibrateOptions,
+                     eval_data: str | Path | None = None, log=lambda _m: None) -> dict[str, Any]:
+    """Quantizes `engine` into `out`; returns the report (also stored, without per-layer detail, in
+    the new manifest's `quantization` block)."""
+    from blip3v.calibration.visual_int8 import quantize_visual, run_visual, token_error
+    from blip3v.calibration.weight_only import quantize_decoder
+    from blip3v.runtime.manifest import load_manifest
+    from blip3v.runtime.ort_backend import OrtBackend
+
+    opts.check()
+    engine, out = Path(engine), Path(out)
+    if engine.resolve() == out.resolve():
+        raise InputError("--out must be a new directory, not the source engine")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not empty")
+    manifest = load_manifest(engine)
+    if manifest["dtype"] != "float32":
+        raise InputError(f"{engine}: a {manifest['precision']} engine; calibrate quantizes an fp32 engine "
+                         "(`blip3v export --precision fp32`)")
+    if "quantization" in manifest.raw:
+        raise InputError(f"{engine} is already quantized; calibrate its fp32 source engine")
+    backend = OrtBackend.load(engine)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="blip3v-calibrate-") as tmp:
+        if videos is None:
+            log(f"calibration videos: {opts.samples} synthetic clips (seed {CALIBRATION_SEED})")
+            videos = _synth(Path(tmp) / "calib", opts.samples, CALIBRATION_SEED)
+        calib = CalibrationSet.from_folder(videos, backend.num_frames, backend.image_size, backend.image_mean,
+                                           backend.image_std, samples=opts.samples)
+        log(f"calibration set: {len(calib)} clips from {videos}")
+        quantization: dict[str, Any] = {"samples": len(calib), "calibration_sha256": calib.digest(),
+                                        "calibration_source": "synthetic" if Path(videos).is_relative_to(tmp) else str(videos)}
+        report: dict[str, Any] = {"engine": str(engine), "out": str(out)}
+        graphs: dict[str, onnx.ModelProto] = {}
+        visual_path = manifest.path("visual")
+        visual_float = onnx.load(str(visual_path))
+        feeds = list(calib.visual_feeds(backend.pixel_name, backend.dtype))
+        if opts.visual == "int8":
+            log(f"[visual] INT8 Q/DQ ({opts.method}), sensitivity pass keeps {opts.keep} layer(s) in float")
+            graphs["visual"], vis = quantize_visual(visual_float, feeds, backend.video_name, opts.method, opts.keep, log=log)
+            vis["video_tokens_vs_float_all_clips"] = token_error(run_visual(visual_float, feeds, backend.video_name),
+                                                                 run_visual(graphs["visual"], feeds, backend.video_name))
+            report["visual"] = vis
+            quantization["visual"] = {"precision": "int8", "format": "qdq", "activations": "symmetric per tensor",
+                                      "weights": "symmetric per output channel", "method": opts.method,
+                                      "kept_float": vis["kept_float"],
+                                      "video_tokens_cosine": vis["video_tokens_vs_float_all_clips"]["cosine"]}
+        if opts.decoder != "fp32":
+            log(f"[decoder] weight-only {opts.decoder} ({opts.weights}, block {opts.block_size}) on prompts with "
+                "real video tokens")
+            dec_feeds = decoder_feeds(backend, calib)
+            dec_float = onnx.load(str(manifest.path("decoder")))
+            graphs["decoder"], dec = quantize_decoder(dec_float, dec_feeds, opts.decoder, opts.weights, opts.block_size,
+                                                      opts.accuracy_level, log=log)
+            report["decoder"] = dec
+            quantization["decoder"] = {"precision": opts.decoder, "format": "MatMulNBits", "method": opts.weights,
+                                       "block_size": opts.block_size, "accuracy_level": opts.accuracy_level}
+        log(f"writing {out}")
+        _write_engine(engine, out, graphs, quantization)
+
+        log("report: sizes, agreement with the fp32 engine on held-out clips, timings")
+        names = [manifest["visual"]["file"], manifest["decoder"]["file"]]
+        report["size_bytes"] = {"before": _sizes(engine, names), "after": _sizes(out, names)}
+        data = Path(eval_data) if eval_data else _synth(Path(tmp) / "heldout", opts.eval_n, HELD_OUT_SEED)
+        ref, got = _answers(engine, data), _answers(out, data)
+        agreement = {"clips": ref["n"], "data": str(eval_data or f"synthetic seed {HELD_OUT_SEED}"),
+                     "same_answer": _agreement(ref, got), "accuracy_fp32": ref["accuracy"],
+                     "accuracy_quantized": got["accuracy"]}
+        if opts.compare_rtn and opts.decoder != "fp32" and opts.weights == "awq":
+            log("  scoring round-to-nearest weights on the same clips, for comparison")
+            rtn_out = Path(tmp) / "rtn-engine"
+            rtn_graphs = dict(graphs)
+            rtn_graphs["decoder"], _ = quantize_decoder(dec_float, dec_feeds, opts.decoder, "rtn", opts.block_size,
+                                                        opts.accuracy_level)
+            _write_engine(engine, rtn_out, rtn_graphs, quantization)
+            rtn = _answers(rtn_out, data)
+            agreement.update(same_answer_rtn=_agreement(ref, rtn), accuracy_rtn=rtn["accuracy"])
+        report["agreement"] = agreement
+        probe = calib.clips[:3]
+        report["timing"] = {"before": _timings(engine, probe, calib.questions[0]),
+                            "after": _timings(out, probe, calib.questions[0])}
+    report["quantization"] = quantization
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+    """The readable report."""
+    lines = []
+    b, a = report["size_bytes"]["before"], report["size_bytes"]["after"]
+    for name in b:
+        lines.append(f"{name}: {b[name] / 2**20:.2f} MiB -> {a[name] / 2**20:.2f} MiB")
+    if "visual" in report:
+        v = report["visual"]
+        err = v["video_tokens_vs_float_all_clips"]
+        lines.append(f"visual int8 ({v['method']}): {v['quantized_layers']}/{v['layers']} layers quantized, kept float: "
+                     f"{', '.join(v['kept_float']) or 'none'}; video tokens cosine {err['cosine']:.5f} "
+                     f"(min {err['cosine_min']:.5f})")
+        worst = sorted(v["per_layer"], key=lambda p: p["cosine"])[:5]
+        lines.append("  most sensitive layers: " + ", ".join(f"{p['layer']} {p['cosine']:.4f}" for p in worst))
+    if "decoder" in report:
+        d = report["decoder"]
+        m = d["method"]
+        mean = np.mean([p[f"{m}_rel_error"] for p in d["per_layer"]])
+        rtn = np.mean([p["rtn_rel_error"] for p in d["per_layer"]])
+        lines.append(f"decoder {d['scheme']} ({m}, block {d['block_size']}): {d['layers']} MatMuls, mean relative output "
+                     f"error {mean:.2e} (round-to-nearest {rtn:.2e}); input scales folded {d['folded']}, Mul nodes "
+                     f"{d['mul_nodes']}")
+    g = report["agreement"]
+    line = (f"same answer as fp32 on {100 * g['same_answer']:.1f}% of {g['clips']} held-out clips; accuracy "
+            f"{g['accuracy_fp32']:.3f} -> {g['accuracy_quantized']:.3f}")
+    if "same_answer_rtn" in g:
+        line += f" (round-to-nearest: {100 * g['same_answer_rtn']:.1f}% same, accuracy {g['accuracy_rtn']:.3f})"
+    lines.append(line)
+    t = report["timing"]
+    lines.append(f"visual {t['before']['visual_ms']:.1f} -> {t['after']['visual_ms']:.1f} ms; decode "
+                 f"{t['before']['decode_ms_per_token']:.2f} -> {t['after']['decode_ms_per_token']:.2f} ms/token")
+    return lines

@@ -1,0 +1,240 @@
+"""Weight-only INT4 / INT8 decoder: every weight MatMul becomes ONNX Runtime's `MatMulNBits`.
+
+Weights are quantized symmetrically in blocks of `block_size` along K (one float scale per block
+and output column; zero point 2^(bits-1), the op's default). Two ways to choose the scales:
+
+    rtn  round to nearest: scale = max |w| over the block / (2^(bits-1) - 1); the baseline.
+    awq  activation-aware (after AWQ, arXiv 2306.00978): from the inputs each MatMul actually sees
+         on calibration prompts that carry real video tokens, (1) a per-input-channel scale
+         s = mean|x|^alpha (alpha searched on a grid, alpha = 0 is RTN) moves quantization error
+         away from the channels with large activations: W' = diag(s) W is quantized and x / s is
+         fed in, folded into the preceding RMSNorm weight where that is the only consumer, else one
+         Mul; (2) each block's clipping ratio is searched to minimise the activation-weighted error
+         sum_k E[x_k^2] (w_k - q(w_k))^2. Both searches include RTN's choice, so on the calibration
+         activations AWQ's output error is never above RTN's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from blip3v.calibration.graph import (Namer, WeightNode, add_initializer, drop_unused_initializers, ensure_opset,
+                                      initializers, run_collect, weight_nodes)
+from blip3v.errors import InputError
+
+SCHEMES = {"int4": 4, "int8": 8}
+METHODS = ("awq", "rtn")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+MAX_ROWS = 512  # calibration activation rows kept per MatMul
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray  # (N, n_blocks * block) uint8, zero point 2^(bits-1)
+    scales: np.ndarray  # (N, n_blocks) float32
+    in_scale: np.ndarray | None  # (K,) AWQ input-channel scale (feed x / in_scale), None for RTN
+    bits: int
+    block: int
+    k: int
+
+    def dequantize(self) -> np.ndarray:
+        """-> W_hat (K, N) such that x @ W_hat approximates x @ W (the input scale undone)."""
+        n, padded = self.q.shape
+        w = (self.q.astype(np.float32) - 2 ** (self.bits - 1)).reshape(n, -1, self.block) * self.scales[:, :, None]
+        w = w.reshape(n, padded)[:, : self.k].T  # (K, N)
+        return w / self.in_scale[:, None] if self.in_scale is not None else w
+
+    def packed(self) -> np.ndarray:
+        """MatMulNBits' B: (N, n_blocks, block * bits / 8) uint8, low nibble first for 4 bits."""
+        n = self.q.shape[0]
+        if self.bits == 8:
+            return self.q.reshape(n, -1, self.block)
+        return (self.q[:, 0::2] | (self.q[:, 1::2] << 4)).astype(np.uint8).reshape(n, -1, self.block // 2)
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """(K, N) -> (N, n_blocks, block), zero-padded along K."""
+    k, n = w.shape
+    padded = -(-k // block) * block
+    wt = np.zeros((n, padded), np.float32)
+    wt[:, :k] = w.T
+    return wt.reshape(n, -1, block)
+
+
+def _round(wb: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    return np.clip(np.round(wb / scale[..., None]), -qmax - 1, qmax)
+
+
+def _rtn_scale(wb: np.ndarray, bits: int, ratio: float = 1.0) -> np.ndarray:
+    scale = np.abs(wb).max(-1) * ratio / (2 ** (bits - 1) - 1)
+    return np.where(scale == 0, 1.0, scale).astype(np.float32)
+
+
+def _finish(wb: np.ndarray, scale: np.ndarray, bits: int, k: int, block: int, in_scale) -> QuantizedWeight:
+    q = (_round(wb, scale, bits) + 2 ** (bits - 1)).astype(np.uint8).reshape(wb.shape[0], -1)
+    return QuantizedWeight(q, scale.astype(np.float32), in_scale, bits, block, k)
+
+
+def quantize_rtn(w: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    wb = _blocks(w, block)
+    return _finish(wb, _rtn_scale(wb, bits), bits, w.shape[0], block, None)
+
+
+def output_error(x: np.ndarray, w: np.ndarray, qw: QuantizedWeight) -> float:
+    """||x W - x W_hat||^2 / ||x W||^2 on calibration rows x (n, K)."""
+    ref = x @ w
+    return float(((ref - x @ qw.dequantize()) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
+
+
+def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    k = w.shape[0]
+    mean_abs = np.abs(x).mean(0) + 1e-8  # (K,)
+    best: tuple[float, QuantizedWeight] | None = None
+    for alpha in ALPHAS:
+        s = mean_abs ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        if alpha == 0:
+            s = np.ones_like(s)
+        qw = _finish(_blocks(w * s[:, None], block), _rtn_scale(_blocks(w * s[:, None], block), bits), bits, k, block,
+                     s if alpha else None)
+        err = output_error(x, w, qw)
+        if best is None or err < best[0]:
+            best = (err, qw)
+    assert best is not None
+    s = best[1].in_scale if best[1].in_scale is not None else np.ones(k, np.float32)
+    wb = _blocks(w * s[:, None], block)  # (N, nb, B)
+    importance = np.zeros(wb.shape[1] * block, np.float32)
+    importance[:k] = ((x / s) ** 2).mean(0)
+    importance = importance.reshape(1, -1, block)
+    chosen = _rtn_scale(wb, bits)
+    best_err = np.full(chosen.shape, np.inf)
+    for ratio in CLIP_RATIOS:
+        scale = _rtn_scale(wb, bits, ratio)
+        err = (importance * (wb - _round(wb, scale, bits) * scale[..., None]) ** 2).sum(-1)  # (N, nb)
+        better = err < best_err
+        chosen, best_err = np.where(better, scale, chosen), np.where(better, err, best_err)
+    clipped = _finish(wb, chosen, bits, k, block, best[1].in_scale)
+    return clipped if output_error(x, w, clipped) <= best[0] else best[1]
+
+
+def decoder_targets(model: onnx.ModelProto) -> list[WeightNode]:
+    """The decoder's weight MatMuls ((K, N) initializers: attention and MLP projections); the LM
+    head (a Gemm over the sliced table) stays dense."""
+    return weight_nodes(model, ("MatMul",))
+
+
+def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: list[dict[str, np.ndarray]],
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """The rows (tokens) each target's input takes over the calibration feeds, at most MAX_ROWS each."""
+    rows: dict[str, list[np.ndarray]] = {}
+    run_collect(model, sorted({t.activation for t in targets}), feeds,
+                lambda name, x: rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).astype(np.float32)))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, parts in rows.items():
+        x = np.concatenate(parts)
+        out[name] = x[np.sort(rng.permutation(len(x))[:MAX_ROWS])] if len(x) > MAX_ROWS else x
+    return out
+
+
+def _fold_target(model: onnx.ModelProto, activation: str, consumers: dict[str, int]) -> tuple[onnx.TensorProto, int] | None:
+    """The 1-D initializer of the Mul producing `activation` (an RMSNorm weight) when that Mul's
+    output feeds only this MatMul and nothing else reads the initializer."""
+    inits = initializers(model)
+    if consumers.get(activation, 0) != 1:
+        return None
+    for node in model.graph.node:
+        if activation in node.output and node.op_type == "Mul":
+            for j, name in enumerate(node.input):
+                t = inits.get(name)
+                if t is not None and len(t.dims) == 1 and consumers.get(name, 0) == 1:
+                    return t, j
+    return None
+
+
+def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNode, QuantizedWeight]],
+                    accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A copy of `model` with each target MatMul replaced by MatMulNBits (+ its input scale, folded
+    into the preceding norm weight where possible). -> (model, {"folded": n, "mul_nodes": n})."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fresh = Namer(out)
+    consumers: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    inits = initializers(out)
+    counts = {"folded": 0, "mul_nodes": 0}
+    nodes = []
+    for node in out.graph.node:
+        entry = quantized.get(node.name or "")
+        if node.op_type != "MatMul" or entry is None:
+            nodes.append(node)
+            continue
+        target, qw = entry
+        x = node.input[0]
+        k, n = (int(d) for d in inits[target.weight].dims)
+        if qw.in_scale is not None:
+            fold = _fold_target(out, x, consumers)
+            if fold is not None:
+                tensor, _ = fold
+                tensor.CopyFrom(numpy_helper.from_array(
+                    (numpy_helper.to_array(tensor) / qw.in_scale).astype(numpy_helper.to_array(tensor).dtype), tensor.name))
+                counts["folded"] += 1
+            else:
+                inv = add_initializer(out, fresh(f"{target.weight}_awq_inv"), (1.0 / qw.in_scale).astype(np.float32))
+                scaled = fresh(f"{x}_awq")
+                nodes.append(helper.make_node("Mul", [x, inv], [scaled], name=fresh(f"{node.name}_awq")))
+                x = scaled
+                counts["mul_nodes"] += 1
+        b = add_initializer(out, fresh(f"{target.weight}_q{qw.bits}"), qw.packed())
+        s = add_initializer(out, fresh(f"{target.weight}_scales"), qw.scales.reshape(-1))
+        nodes.append(helper.make_node("MatMulNBits", [x, b, s], list(node.output), name=node.name, domain="com.microsoft",
+                                      K=k, N=n, bits=qw.bits, block_size=qw.block, accuracy_level=accuracy_level))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    drop_unused_initializers(out)
+    ensure_opset(out, "com.microsoft", 1)
+    return out, counts
+
+
+def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: str = "int4",
+                     method: str = "awq", block_size: int = 32, accuracy_level: int = 0,
+                     log=lambda _m: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """-> (the weight-only quantized decoder, report with each MatMul's calibration output error
+    for this method and for RTN)."""
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown decoder scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if method not in METHODS:
+        raise InputError(f"unknown weight method {method!r}; choose from {', '.join(METHODS)}")
+    if block_size not in BLOCK_SIZES:
+        raise InputError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    bits = SCHEMES[scheme]
+    targets = decoder_targets(model)
+    if not targets:
+        raise InputError("the decoder graph has no weight MatMuls to quantize")
+    inits = initializers(model)
+    if any(inits[t.weight].data_type != onnx.TensorProto.FLOAT for t in targets):
+        raise InputError("weight-only quantization starts from a float32 engine: export with --precision fp32")
+    log(f"  {len(targets)} MatMuls; collecting their inputs on {len(feeds)} calibration prompts")
+    xs = collect_inputs(model, targets, feeds)
+    quantized, per_layer = {}, []
+    for t in targets:
+        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+        x = xs[t.activation]
+        rtn = quantize_rtn(w, bits, block_size)
+        qw = quantize_awq(w, x, bits, block_size) if method == "awq" else rtn
+        quantized[t.name] = (t, qw)
+        per_layer.append({"layer": t.name, "weight": t.weight, "shape": list(w.shape),
+                          "rtn_rel_error": output_error(x, w, rtn), f"{method}_rel_error": output_error(x, w, qw)})
+    qmodel, counts = to_matmul_nbits(model, quantized, accuracy_level)
+    return qmodel, {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
+                    "layers": len(targets), "per_layer": per_layer, **counts}

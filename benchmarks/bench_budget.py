@@ -516,11 +516,16 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     tmp.replace(path)
 
 
+def section_heading(title: str) -> str:
+    """One RESULTS.md section per (model, backend, device) title; a re-run replaces its own."""
+    return f"{SECTION}: {title}"
+
+
 def markdown(result: dict[str, Any], command: str, title: str) -> str:
     cfg, dev = result["config"], result["device"]
     where = f"GPU **{dev['gpu']}**" if dev.get("gpu") else f"CPU **{dev['cpu']}** ({dev['threads']} threads)"
     return "\n".join([
-        f"### {title}", "",
+        section_heading(title), "",
         f"Measured {result['date']} on {where}; load average {dev['load_average_1m_at_start']} at the start. "
         f"Model: {cfg['model']}; backend {cfg['backend']} ({cfg['decoder']}), {cfg['precision']}, temporal encoder "
         f"{cfg['temporal']}, {cfg['frames']} frames at {cfg['image_size']} px, prompt {cfg['prompt_tokens']} text tokens, "

@@ -160,6 +160,37 @@ def export_blip3v(model, directory: Path, attentions: Sequence[str], precision: 
     return out
 
 
+def quantize_blip3v_int4(decoder_path: Path, embeddings: np.ndarray, conf, block_size: int, accuracy_level: int,
+                        log: Log, seed: int = 0) -> Path:
+    """decoder_path (fp32) -> this project's INT4 decoder (blip3v.calibration: MatMulNBits, activation-
+    aware scales), calibrated on 8 random-id prompts of 64 tokens (the weights are random too)."""
+    import onnx
+    from blip3v.calibration.graph import save_model
+    from blip3v.calibration.weight_only import quantize_decoder
+    from blip3v.export.engine import KV_TEMPLATES
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed + 1)
+    layers = int(conf.num_hidden_layers)
+    head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
+    feeds = []
+    for _ in range(8):
+        ids = rng.integers(3, min(32000, conf.vocab_size - 64), size=64)
+        feed = {"inputs_embeds": embeddings[ids][None].astype(np.float32), "attention_mask": np.ones((1, 64), np.int64),
+                "position_ids": np.arange(64, dtype=np.int64)[None]}
+        for i in range(layers):
+            for role in ("past_key", "past_value"):
+                feed[KV_TEMPLATES[role].format(layer=i)] = np.zeros((1, conf.num_key_value_heads, 64, head_dim), np.float32)
+        feeds.append(feed)
+    log(f"  quantizing the blip3v decoder to INT4 (awq, block {block_size}, accuracy level {accuracy_level})")
+    qmodel, _ = quantize_decoder(onnx.load(str(decoder_path)), feeds, "int4", "awq", block_size, accuracy_level, log=log)
+    out = decoder_path.with_name(decoder_path.stem + "-int4.onnx")
+    save_model(qmodel, out)
+    log(f"  blip3v decoder quantized to INT4 (awq, block {block_size}, accuracy level {accuracy_level}) in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
 def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int,
                    providers: Sequence[str] = ("CPUExecutionProvider",)):  # embeddings: graph dtype
     """The runtime's OrtBackend around a decoder graph alone: exactly the state `generate` reads.
@@ -198,11 +229,15 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
 # ----------------------------------------------------------------------------- onnxruntime-genai
 
 
-def build_genai(hf_dir: Path, out: Path, threads: int, log: Log) -> Path:
-    """The builder's model (fp32, cpu) from the HF directory, in a subprocess (its own memory and
-    stdout); the session's intra-op threads set in genai_config.json like the other systems'."""
+def build_genai(hf_dir: Path, out: Path, threads: int, log: Log, precision: str = "fp32",
+                int4_options: dict[str, int] | None = None) -> Path:
+    """The builder's model (fp32 or int4, cpu) from the HF directory, in a subprocess (its own
+    memory and stdout); the session's intra-op threads set in genai_config.json like the other
+    systems'. INT4 uses `int4_options` (block_size, accuracy_level: the same as blip3v's)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-           "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / f"genai-cache-{precision}")]
+    if precision == "int4" and int4_options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in int4_options.items())]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -212,7 +247,7 @@ def build_genai(hf_dir: Path, out: Path, threads: int, log: Log) -> Path:
     config = json.loads(config_path.read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     config_path.write_text(json.dumps(config, indent=4))
-    log(f"  onnxruntime-genai model built in {time.perf_counter() - t0:.0f} s")
+    log(f"  onnxruntime-genai {precision} model built in {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -235,6 +270,23 @@ class Request:
     def decode_ms(self) -> float:
         """Mean interval between the ids after the first (ms/token)."""
         return (self.marks[-1] - self.marks[0]) * 1e3 / (len(self.marks) - 1)
+
+
+OnToken = Callable[[int, int], None]
+
+
+def timed_request(generate: Callable[[OnToken], Any]) -> Request:
+    """Runs `generate(on_token)` and records when it started and when each new id arrived."""
+    marks: list[float] = []
+    tokens: list[int] = []
+
+    def on_token(_row: int, tok: int) -> None:
+        marks.append(time.perf_counter())
+        tokens.append(tok)
+
+    start = time.perf_counter()
+    generate(on_token)
+    return Request(start, marks, tokens)
 
 
 @dataclass
@@ -285,24 +337,18 @@ def transformers_system(model, attn: str, precision: str) -> System:
 def blip3v_system(backend, attention: str, precision: str) -> System:
     from blip3v.runtime.generation import SamplingConfig
 
-    def run(ids: np.ndarray, n: int) -> Request:
-        marks: list[float] = []
-        tokens: list[int] = []
-
-        def on_token(_row: int, tok: int) -> None:
-            marks.append(time.perf_counter())
-            tokens.append(tok)
-
-        start = time.perf_counter()
+    def body(ids: np.ndarray, n: int, on_token: OnToken) -> None:
         embeds = backend.embed(ids[None].astype(np.int64))  # (1, P, D): the runtime's table lookup
         mask = np.ones((1, len(ids)), np.int64)
         backend.generate(embeds, mask, SamplingConfig(max_new_tokens=n), on_token=on_token)
-        return Request(start, marks, tokens)
+
+    def run(ids: np.ndarray, n: int) -> Request:
+        return timed_request(lambda on_token: body(ids, n, on_token))
 
     return System("blip3v", f"ORT {attention}, IO binding", precision, run)
 
 
-def genai_system(model_dir: Path) -> System:
+def genai_system(model_dir: Path, precision: str = "fp32") -> System:
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
@@ -322,7 +368,7 @@ def genai_system(model_dir: Path) -> System:
             tokens.append(int(gen.get_next_tokens()[0]))
         return Request(start, marks, tokens)
 
-    return System("onnxruntime-genai", "builder model, og.Generator", "fp32", run)
+    return System("onnxruntime-genai", "builder model, og.Generator", precision, run)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -346,7 +392,8 @@ def summarize(systems: list[System]) -> list[dict[str, Any]]:
     references = {s.precision: s.requests[0].tokens for s in systems if s.name == "transformers"}
     rows = []
     for s in systems:
-        reference = references.get(s.precision, [])  # transformers' greedy ids at the same precision
+        # transformers' greedy ids at the same precision (fp32 for int4, which transformers does not run here)
+        reference = references.get(s.precision, references.get("fp32", []))
         ttft = stats([r.ttft_ms for r in s.requests])
         dec = stats([r.decode_ms for r in s.requests])
         toks = s.requests[0].tokens
@@ -373,6 +420,11 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["target_met"] = {
                 "ttft": ours["ttft_ms"] <= min(p["ttft_ms"] for p in peers),
                 "decode": ours["decode_ms_per_token"] <= min(p["decode_ms_per_token"] for p in peers)}
+        if ours["precision"] == "int4":  # the quantization's own gain: the same runtime and graph in fp32
+            dense = next((r for r in rows if r["name"] == "blip3v" and r["precision"] == "fp32"
+                          and r["variant"] == ours["variant"]), None)
+            if dense is not None:
+                entry["decode_speedup_vs_own_fp32"] = dense["decode_ms_per_token"] / ours["decode_ms_per_token"]
         out.append(entry)
     return out
 
@@ -464,8 +516,10 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
                  for peer, v in entry["vs"].items()]
         met = entry.get("target_met", {})
         verdict = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
+        own = (f" Decode vs blip3v's own fp32 graph: x{entry['decode_speedup_vs_own_fp32']:.2f}."
+               if "decode_speedup_vs_own_fp32" in entry else "")
         lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}) speed-up (peer time / blip3v time): {'; '.join(parts)}. "
-                     f"Target (at least as fast as the faster peer): {verdict}.")
+                     f"Target (at least as fast as the faster peer): {verdict}.{own}")
     return lines
 
 
@@ -538,30 +592,24 @@ def load_lm(directory: Path, log: Log):
     return model
 
 
-def torch_system(model, precision: str, device_name: str, threads: int) -> System:
+def torch_system(model, precision: str, device_name: str, threads: int, weights: str = "dense") -> System:
     """This project's PyTorch decoder (blip3v.model.fast_decode.FastDecoder: static KV buffers written
     in place, CUDA-graph step on a GPU) around the same Phi-3."""
     import torch
     from blip3v.model.fast_decode import FastDecoder
     from blip3v.runtime.generation import SamplingConfig
 
-    fast = FastDecoder(_engine_shim(model), max_batch=1)
+    fast = FastDecoder(_engine_shim(model), max_batch=1, weights=weights)
     embed = model.model.embed_tokens
 
+    @torch.inference_mode()
+    def body(ids: np.ndarray, n: int, on_token: OnToken) -> None:
+        input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(device_name)
+        fast.generate(embed(input_ids), torch.ones_like(input_ids), SamplingConfig(max_new_tokens=n), (),
+                      on_token=on_token)
+
     def run(ids: np.ndarray, n: int) -> Request:
-        marks: list[float] = []
-        tokens: list[int] = []
-
-        def on_token(_row: int, tok: int) -> None:
-            marks.append(time.perf_counter())
-            tokens.append(tok)
-
-        start = time.perf_counter()
-        with torch.inference_mode():
-            input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(device_name)
-            embeds = embed(input_ids)
-            fast.generate(embeds, torch.ones_like(input_ids), SamplingConfig(max_new_tokens=n), (), on_token=on_token)
-        return Request(start, marks, tokens)
+        return timed_request(lambda on_token: body(ids, n, on_token))
 
     graph = "CUDA graph step" if fast.graph_mode == "cuda_graph" else "eager step"
     return System("blip3v", f"torch static KV, {graph}", precision, run)
@@ -616,7 +664,8 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
         golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
         embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
         systems, exports = [], {}
-        for precision in args.precision:
+        int4_options = {"block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level}
+        for precision in (p for p in args.precision if p != "int4"):
             # a copy per precision and device for transformers and the export; the reference stays float32.
             pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
             if "onnxruntime" in backends:
@@ -630,8 +679,19 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
             systems.append(transformers_system(dmodel, args.hf_attention, precision))
             if "torch" in backends:
                 systems.append(torch_system(dmodel, precision, args.device, args.threads))
-        if have_genai and "fp32" in args.precision:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
-            systems.append(genai_system(build_genai(lm_dir, work / "genai", args.threads, log)))
+        if "int4" in args.precision and "onnxruntime" in backends:
+            fp32_gqa = exports.get("gqa fp32") or export_blip3v(model, work, ["gqa"], "fp32", golden, log)["gqa"]
+            path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
+                                        args.int4_accuracy_level, log, args.seed)
+            systems.append(blip3v_system(blip3v_backend(path, embeddings, conf, args.threads,
+                                                        _ort_providers(args.device)), "gqa", "int4"))
+        if "int4" in args.precision and "torch" in backends and cuda:  # INT4 Triton kernel; no CPU fast path
+            half = copy.deepcopy(model).to(args.device, torch.float16)
+            systems.append(torch_system(half, "int4", args.device, args.threads, weights="int4"))
+        if have_genai:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
+            for precision in (p for p in args.precision if p in ("fp32", "int4")):
+                built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
+                systems.append(genai_system(built, precision))
         systems.sort(key=lambda x: args.precision.index(x.precision))  # stable: rows grouped by precision
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(3, min(32000, conf.vocab_size - 64), size=args.prompt_tokens)  # ordinary word ids
@@ -648,7 +708,7 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                        "layers": int(conf.num_hidden_layers), "prompt_tokens": args.prompt_tokens,
                        "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                        "hf_attention": args.hf_attention, "attention": list(args.attention),
-                       "backend": backends, "precision": list(args.precision),
+                       "backend": backends, "precision": list(args.precision), "int4": int4_options,
                        **{k: getattr(conf, k, None) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                               "num_key_value_heads", "vocab_size", "sliding_window")}},
             "export_check": {a: e["max_abs_diff"] for a, e in exports.items()},
@@ -662,7 +722,7 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                                                                  args.threads, prompt, args.new_tokens, work)
             if have_genai and "fp32" in args.precision:
                 log("profiling one onnxruntime-genai request")
-                result["profile"]["onnxruntime-genai"] = profile_genai(work / "genai", prompt, args.new_tokens, work)
+                result["profile"]["onnxruntime-genai"] = profile_genai(work / "genai-fp32", prompt, args.new_tokens, work)
         log(f"done in {time.perf_counter() - t0:.0f} s")
     return result
 
@@ -685,7 +745,10 @@ def parser() -> argparse.ArgumentParser:
                    help="phi3-mini: Phi-3-mini widths (default); tiny: test sizes")
     p.add_argument("--attention", nargs="+", choices=("gqa", "standard"), default=["gqa", "standard"],
                    help="blip3v decoder variants to export and time (default both)")
-    p.add_argument("--precision", nargs="+", choices=sorted(DTYPES), default=["fp32"],
+    p.add_argument("--int4-block-size", type=int, default=32, help="INT4 block size for blip3v and the builder (default 32)")
+    p.add_argument("--int4-accuracy-level", type=int, default=4,
+                   help="MatMulNBits accuracy level for both INT4 models (default 4, the builder's CPU default)")
+    p.add_argument("--precision", nargs="+", choices=[*sorted(DTYPES), "int4"], default=["fp32"],
                    help="precisions to compare (default fp32; fp16 times blip3v and transformers only: the "
                         "onnxruntime-genai builder makes no fp16 CPU model)")
     p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",

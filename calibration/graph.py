@@ -63,15 +63,39 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return copy
 
 
+PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GB cap, with room for the graph itself
+
+
+def fits_in_proto(model: onnx.ModelProto) -> bool:
+    """Whether `model` serialises as one protobuf (ByteSize itself refuses past 2 GB)."""
+    try:
+        return model.ByteSize() < PROTO_LIMIT
+    except Exception:  # google.protobuf.message.EncodeError
+        return False
+
+
 def session(model: onnx.ModelProto | str | Path, threads: int = 0):
+    """A CPU session on a model in memory or on disk. Models past protobuf's 2 GB limit (Phi-3-mini
+    width decoders) go through a temporary file with external weights."""
+    import tempfile
+
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    if fits_in_proto(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="blip3v-onnx-") as tmp:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_model with external data moves the weights out of the proto it is given
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_collect(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
@@ -123,7 +147,7 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """One self-contained file (weights inside) when under 2 GB, else weights beside it in `.data`."""
     path = Path(path)
-    if model.ByteSize() < 2**31 - 2**26:
+    if fits_in_proto(model):
         onnx.save_model(model, str(path))
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -32,7 +32,7 @@ METHODS = ("awq", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
-MAX_ROWS = 512  # calibration activation rows kept per MatMul
+MAX_ROWS = 256  # calibration activation rows kept per MatMul
 
 
 @dataclass
@@ -126,9 +126,24 @@ def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> Quantiz
 
 
 def decoder_targets(model: onnx.ModelProto) -> list[WeightNode]:
-    """The decoder's weight MatMuls ((K, N) initializers: attention and MLP projections); the LM
-    head (a Gemm over the sliced table) stays dense."""
-    return weight_nodes(model, ("MatMul",))
+    """The decoder's weight MatMuls ((K, N) initializers: attention and MLP projections) and plain
+    Gemms with a weight initializer (a Phi-3's LM head over the last position). xGen-MM's LM head
+    reads its weight through a Slice (the decoupled vocabulary), so it stays dense."""
+    out = []
+    for t in weight_nodes(model, ("MatMul", "Gemm")):
+        if t.op == "Gemm":
+            node = model.graph.node[t.index]
+            attrs = {a.name: (a.i if a.type == onnx.AttributeProto.INT else a.f) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+        out.append(t)
+    return out
+
+
+def weight_kn(model: onnx.ModelProto, target: WeightNode) -> np.ndarray:
+    """The target's weight as (K, N): x @ W."""
+    w = numpy_helper.to_array(initializers(model)[target.weight]).astype(np.float32)
+    return w.T if target.op == "Gemm" and target.out_axis == 0 else w
 
 
 def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: list[dict[str, np.ndarray]],
@@ -176,12 +191,13 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
     nodes = []
     for node in out.graph.node:
         entry = quantized.get(node.name or "")
-        if node.op_type != "MatMul" or entry is None:
+        if node.op_type not in ("MatMul", "Gemm") or entry is None:
             nodes.append(node)
             continue
         target, qw = entry
         x = node.input[0]
-        k, n = (int(d) for d in inits[target.weight].dims)
+        k, n = qw.k, qw.q.shape[0]
+        bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
         if qw.in_scale is not None:
             fold = _fold_target(out, x, consumers)
             if fold is not None:
@@ -197,7 +213,8 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
                 counts["mul_nodes"] += 1
         b = add_initializer(out, fresh(f"{target.weight}_q{qw.bits}"), qw.packed())
         s = add_initializer(out, fresh(f"{target.weight}_scales"), qw.scales.reshape(-1))
-        nodes.append(helper.make_node("MatMulNBits", [x, b, s], list(node.output), name=node.name, domain="com.microsoft",
+        inputs = [x, b, s, "", "", *bias] if bias else [x, b, s]  # MatMulNBits: A, B, scales, zero_points, g_idx, bias
+        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain="com.microsoft",
                                       K=k, N=n, bits=qw.bits, block_size=qw.block, accuracy_level=accuracy_level))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
@@ -228,13 +245,15 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     xs = collect_inputs(model, targets, feeds)
     quantized, per_layer = {}, []
     for t in targets:
-        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+        w = weight_kn(model, t)
         x = xs[t.activation]
         rtn = quantize_rtn(w, bits, block_size)
         qw = quantize_awq(w, x, bits, block_size) if method == "awq" else rtn
         quantized[t.name] = (t, qw)
         per_layer.append({"layer": t.name, "weight": t.weight, "shape": list(w.shape),
                           "rtn_rel_error": output_error(x, w, rtn), f"{method}_rel_error": output_error(x, w, qw)})
+        log(f"    [{len(per_layer)}/{len(targets)}] {t.name} {w.shape[0]}x{w.shape[1]}: relative output error "
+            f"rtn {per_layer[-1]['rtn_rel_error']:.2e}, {method} {per_layer[-1][f'{method}_rel_error']:.2e}")
     qmodel, counts = to_matmul_nbits(model, quantized, accuracy_level)
     return qmodel, {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
                     "layers": len(targets), "per_layer": per_layer, **counts}

@@ -229,3 +229,27 @@ def test_calibrate_bad_input(engine, tmp_path):
     assert_one_line_error(run_cli("calibrate", "--engine", str(engine), "--out", str(engine)), "new directory")
     assert_one_line_error(run_cli("calibrate", "--engine", str(tmp_path / "nope"), "--out", str(out)), "nope")
     assert not out.exists()
+
+
+def test_gemm_head_with_bias_becomes_matmul_nbits():
+    from onnx import TensorProto, helper
+
+    from blip3v.calibration.graph import session
+    from blip3v.calibration.weight_only import decoder_targets, quantize_rtn, to_matmul_nbits, weight_kn
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.05, (40, 96)).astype(np.float32)  # (N, K): Gemm with transB=1, as an LM head
+    bias = rng.normal(0, 1, 40).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (target,) = decoder_targets(model)
+    kn = weight_kn(model, target)
+    assert kn.shape == (96, 40)
+    qw = quantize_rtn(kn, 4, 32)
+    qmodel, _ = to_matmul_nbits(model, {"head": (target, qw)})
+    x = rng.normal(0, 1, (3, 96)).astype(np.float32)
+    np.testing.assert_allclose(session(qmodel).run(["y"], {"x": x})[0], x @ qw.dequantize() + bias, atol=1e-4, rtol=1e-4)

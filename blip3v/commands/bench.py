@@ -88,7 +88,8 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
       blip3v bench budget --model real --layers 2 --repeats 2 --plot budget.png
       blip3v bench budget --model real --layers 32 --device cuda --json
     """
-    from blip3v.benchmarks.bench_budget import BudgetOptions, markdown, plot as draw, run_budget, summary_lines, table
+    from blip3v.benchmarks.bench_budget import (BudgetOptions, markdown, plot as draw, run_budget, section_heading,
+                                                summary_lines, table)
 
     if plot and not plot.lower().endswith(".png"):
         raise InputError("--plot writes a PNG: give a file name ending in .png")
@@ -104,8 +105,8 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
     if results:
         cfg = result["config"]
         where = result["device"].get("gpu") or "CPU"
-        _write_results(results, "## Latency per token budget",
-                       markdown(result, _command_line(), title or f"{cfg['model']}, {cfg['backend']}, {where}"))
+        title = title or f"{cfg['model']}, {cfg['backend']} {cfg['precision']}, {where}"
+        _write_results(results, section_heading(title), markdown(result, _command_line(), title))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -125,8 +126,13 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
 @click.option("--backend", default="onnxruntime,torch", show_default=True, callback=_csv(("onnxruntime", "torch")),
               help="This project's runtimes to time, comma-separated.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--precision", default=None, callback=lambda c, p, v: _csv(("fp32", "fp16"))(c, p, v) if v else None,
-              help="Comma-separated precisions. Default: fp32,fp16 (every one this machine runs).")
+@click.option("--precision", default=None, callback=lambda c, p, v: _csv(("fp32", "fp16", "int4"))(c, p, v) if v else None,
+              help="Comma-separated precisions. Default: fp32,fp16,int4 (every one this project runs). int4: "
+                   "weight-only MatMulNBits from `blip3v calibrate`'s quantizer beside the builder's int4 model.")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
+              help="INT4 block size, the same for blip3v and onnxruntime-genai.")
+@click.option("--int4-accuracy-level", type=click.Choice(["0", "1", "2", "3", "4"]), default="4", show_default=True,
+              help="MatMulNBits accuracy level for both INT4 models (4 = int8 activations, the builder's CPU default).")
 @click.option("--attention", default="gqa,standard", show_default=True, callback=_csv(("gqa", "standard")),
               help="ONNX decoder variants (GroupQueryAttention, or plain ONNX ops).")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
@@ -140,8 +146,8 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"systems": [{"name", "precision", "ttft_ms", "decode_ms_per_token"}, ...], "ratios", ...}.')
-def decode(lm, size, layers, backend, device, precision, attention, prompt_tokens, new_tokens, repeats, threads,
-           skip_genai, results, quiet, as_json) -> None:
+def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_accuracy_level, attention,
+           prompt_tokens, new_tokens, repeats, threads, skip_genai, results, quiet, as_json) -> None:
     """Decode ms/token and time to first token: this project's runtimes (named blip3v) against
     transformers' eager generation and onnxruntime-genai (where installed), same weights, one run.
 
@@ -151,7 +157,8 @@ def decode(lm, size, layers, backend, device, precision, attention, prompt_token
     from blip3v.benchmarks import bench_decode as bd
 
     args = argparse.Namespace(lm=lm, size=size, layers=layers, backend=list(backend), device=device,
-                              precision=list(precision or ("fp32", "fp16")), attention=list(attention),
+                              precision=list(precision or ("fp32", "fp16", "int4")), attention=list(attention),
+                              int4_block_size=int(int4_block_size), int4_accuracy_level=int(int4_accuracy_level),
                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
                               hf_attention="sdpa", skip_genai=skip_genai, profile=False, seed=0)
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))

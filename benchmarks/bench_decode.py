@@ -523,10 +523,10 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(result: dict[str, Any], command: str) -> str:
+def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> str:
     cfg, dev = result["config"], result["device"]
     v = result["versions"]
-    lines = [SECTION, "",
+    lines = [heading, "",
              (f"Measured {result['date']} on the dev box's CPU: **{dev['cpu']}**, {dev['logical_cpus']} logical "
               f"CPUs, {dev['threads']} threads per system (torch.set_num_threads / ORT intra-op threads), 1-minute "
               f"load average {dev['load_average_1m_at_start']} at the start."),

@@ -170,7 +170,9 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
         if not all(isinstance(r[k], float) and r[k] > 0 and r[k] < float("inf") for k in ("ttft_ms", "decode_ms_per_token")):
             raise InputError(f"{r['name']} ({r['variant']}): a timing is not positive and finite")
     if results:
-        _write_results(results, bd.SECTION, bd.markdown(result, _command_line()))
+        # one section per (precisions, device): a run replaces its own figures, not another run's
+        heading = f"{bd.SECTION}: {', '.join(args.precision)}, {device}"
+        _write_results(results, heading, bd.markdown(result, _command_line(), heading))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -103,8 +103,8 @@ def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> Quantiz
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         if alpha == 0:
             s = np.ones_like(s)
-        qw = _finish(_blocks(w * s[:, None], block), _rtn_scale(_blocks(w * s[:, None], block), bits), bits, k, block,
-                     s if alpha else None)
+        wb = _blocks(w * s[:, None], block)
+        qw = _finish(wb, _rtn_scale(wb, bits), bits, k, block, s if alpha else None)
         err = output_error(x, w, qw)
         if best is None or err < best[0]:
             best = (err, qw)

@@ -90,39 +90,53 @@ def quantize_rtn(w: np.ndarray, bits: int, block: int) -> QuantizedWeight:
 
 def output_error(x: np.ndarray, w: np.ndarray, qw: QuantizedWeight) -> float:
     """||x W - x W_hat||^2 / ||x W||^2 on calibration rows x (n, K)."""
-    ref = x @ w
-    return float(((ref - x @ qw.dequantize()) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
+    return _relative_error(x, w, qw.dequantize(), float(((x @ w) ** 2).sum()))
+
+
+def _relative_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray, ref_energy: float) -> float:
+    return float(((x @ (w - w_hat)) ** 2).sum() / max(ref_energy, 1e-30))  # one matmul: x (W - W_hat)
+
+
+def _dequantized_kn(wb: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Blocks (N, nb, B) and their scales -> the rounded weight as (K, N)."""
+    return (_round(wb, scale, bits) * scale[..., None]).reshape(wb.shape[0], -1)[:, :k].T
 
 
 def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """Activation-aware scales: input channel c is multiplied by s_c = mean|x_c|^alpha before
+    rounding (and x divided by it), alpha chosen on the grid by the output error on `x`; alpha 0
+    is round-to-nearest, so the search never does worse than RTN on these rows. Then a per-block
+    clipping ratio weighted by the scaled activations' energy."""
     k = w.shape[0]
     mean_abs = np.abs(x).mean(0) + 1e-8  # (K,)
-    best: tuple[float, QuantizedWeight] | None = None
+    ref_energy = float(((x @ w) ** 2).sum())
+    best: tuple[float, np.ndarray | None] | None = None  # (error, in_scale or None for RTN)
     for alpha in ALPHAS:
-        s = mean_abs ** alpha
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        if alpha == 0:
-            s = np.ones_like(s)
-        wb = _blocks(w * s[:, None], block)
-        qw = _finish(wb, _rtn_scale(wb, bits), bits, k, block, s if alpha else None)
-        err = output_error(x, w, qw)
+        s = None
+        if alpha:
+            s = mean_abs ** alpha
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        wb = _blocks(w * s[:, None] if s is not None else w, block)
+        w_hat = _dequantized_kn(wb, _rtn_scale(wb, bits), bits, k)
+        err = _relative_error(x, w, w_hat / s[:, None] if s is not None else w_hat, ref_energy)
         if best is None or err < best[0]:
-            best = (err, qw)
+            best = (err, s)
     assert best is not None
-    s = best[1].in_scale if best[1].in_scale is not None else np.ones(k, np.float32)
+    best_err, in_scale = best
+    s = in_scale if in_scale is not None else np.ones(k, np.float32)
     wb = _blocks(w * s[:, None], block)  # (N, nb, B)
     importance = np.zeros(wb.shape[1] * block, np.float32)
     importance[:k] = ((x / s) ** 2).mean(0)
     importance = importance.reshape(1, -1, block)
-    chosen = _rtn_scale(wb, bits)
-    best_err = np.full(chosen.shape, np.inf)
+    plain = _rtn_scale(wb, bits)
+    chosen, chosen_err = plain, np.full(plain.shape, np.inf)
     for ratio in CLIP_RATIOS:
         scale = _rtn_scale(wb, bits, ratio)
         err = (importance * (wb - _round(wb, scale, bits) * scale[..., None]) ** 2).sum(-1)  # (N, nb)
-        better = err < best_err
-        chosen, best_err = np.where(better, scale, chosen), np.where(better, err, best_err)
-    clipped = _finish(wb, chosen, bits, k, block, best[1].in_scale)
-    return clipped if output_error(x, w, clipped) <= best[0] else best[1]
+        better = err < chosen_err
+        chosen, chosen_err = np.where(better, scale, chosen), np.where(better, err, chosen_err)
+    clipped_err = _relative_error(x, w, _dequantized_kn(wb, chosen, bits, k) / s[:, None], ref_energy)
+    return _finish(wb, chosen if clipped_err <= best_err else plain, bits, k, block, in_scale)
 
 
 def decoder_targets(model: onnx.ModelProto) -> list[WeightNode]:
@@ -160,19 +174,44 @@ def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: lis
     return out
 
 
-def _fold_target(model: onnx.ModelProto, activation: str, consumers: dict[str, int]) -> tuple[onnx.TensorProto, int] | None:
-    """The 1-D initializer of the Mul producing `activation` (an RMSNorm weight) when that Mul's
-    output feeds only this MatMul and nothing else reads the initializer."""
+# Ops whose output 0 is multiplied by a per-channel weight (input index): where AWQ's input scale folds.
+_SCALED_OUTPUT = {"Mul": None, "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+
+
+def _fold_target(model: onnx.ModelProto, activation: str, consumers: dict[str, int]) -> tuple[onnx.NodeProto, int] | None:
+    """(node, input index) of the 1-D initializer that scales `activation` channel-wise (an RMSNorm
+    weight: of a Mul, or the scale of a fused (Skip)SimplifiedLayerNormalization) when `activation`
+    feeds only this MatMul."""
     inits = initializers(model)
     if consumers.get(activation, 0) != 1:
         return None
     for node in model.graph.node:
-        if activation in node.output and node.op_type == "Mul":
-            for j, name in enumerate(node.input):
-                t = inits.get(name)
-                if t is not None and len(t.dims) == 1 and consumers.get(name, 0) == 1:
-                    return t, j
+        if node.op_type not in _SCALED_OUTPUT or not node.output or node.output[0] != activation:
+            continue
+        index = _SCALED_OUTPUT[node.op_type]
+        for j, name in enumerate(node.input):
+            t = inits.get(name)
+            if (index is None or j == index) and t is not None and len(t.dims) == 1:
+                return node, j
     return None
+
+
+def _fold(model: onnx.ModelProto, node: onnx.NodeProto, j: int, in_scale: np.ndarray, consumers: dict[str, int],
+          fresh: Namer) -> None:
+    """Divides `node`'s input initializer j by `in_scale`. An initializer other nodes also read (the
+    exporter merges equal constants: every norm weight of a freshly initialised model is ones) is
+    copied for this node first, so the others keep their values."""
+    name = node.input[j]
+    tensor = initializers(model)[name]
+    values = numpy_helper.to_array(tensor)
+    scaled = (values / in_scale).astype(values.dtype)
+    if consumers.get(name, 0) > 1:
+        consumers[name] -= 1
+        node.input[j] = fresh(f"{name}_awq")
+        add_initializer(model, node.input[j], scaled)
+        consumers[node.input[j]] = 1
+    else:
+        tensor.CopyFrom(numpy_helper.from_array(scaled, name))
 
 
 def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNode, QuantizedWeight]],
@@ -201,9 +240,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
         if qw.in_scale is not None:
             fold = _fold_target(out, x, consumers)
             if fold is not None:
-                tensor, _ = fold
-                tensor.CopyFrom(numpy_helper.from_array(
-                    (numpy_helper.to_array(tensor) / qw.in_scale).astype(numpy_helper.to_array(tensor).dtype), tensor.name))
+                _fold(out, *fold, qw.in_scale, consumers, fresh)
                 counts["folded"] += 1
             else:
                 inv = add_initializer(out, fresh(f"{target.weight}_awq_inv"), (1.0 / qw.in_scale).astype(np.float32))

@@ -190,13 +190,13 @@ def decoder_example(graph: DecoderGraph, dtype: torch.dtype, capacity: int = 9,
 
 def export_decoder(model: XGenMMVideoModel, path: Path, opset: int, attention: str = "gqa",
                    graph_cls: type[DecoderGraph] = DecoderGraph) -> list[str]:
-    from blip3v.export.gqa import translation_table
+    from blip3v.export import gqa, ort_ops
 
     graph = graph_cls(model, attention=attention).eval()
     args, dynamic = decoder_example(graph, next(model.parameters()).dtype)
     inputs, outputs = _decoder_io(len(graph.layers))
     return _to_onnx(graph, args, path, inputs, outputs, dynamic, opset,
-                    translation_table() if attention == "gqa" else None)
+                    {**gqa.translation_table(), **ort_ops.translation_table()} if attention == "gqa" else None)
 
 
 def decoder_golden(model: XGenMMVideoModel, steps: int = VALIDATION_STEPS, prompt: int = 7,

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from blip3v.export.gqa import cached_attention, group_query_attention
+from blip3v.export.ort_ops import rms_norm, rotary_embedding, skip_rms_norm
 from blip3v.model.xgenmm import XGenMMVideoModel
 
 
@@ -68,8 +69,9 @@ class DecoderGraph(nn.Module):
     qkv_proj, rotate-half RoPE from `position_ids`, softmax in float32, the sliding-window overlay
     `kv > q - window` of masking_utils over cache slots.
     `attention`: "gqa" exports each layer's cache update + attention as com.microsoft
-    GroupQueryAttention (ONNX Runtime only); "standard" as ScatterElements + Slice + MatMul/Softmax
-    (any ONNX consumer). Inputs, outputs and the buffer contract are the same for both.
+    GroupQueryAttention (ONNX Runtime only), with RMSNorm, the residual adds and RoPE as ORT's fused
+    kernels (export/ort_ops.py); "standard" as ScatterElements + Slice + MatMul/Softmax and plain
+    ONNX arithmetic (any ONNX consumer). Inputs, outputs and the buffer contract are the same.
     """
 
     def __init__(self, model: XGenMMVideoModel, attention: str = "gqa"):
@@ -89,6 +91,11 @@ class DecoderGraph(nn.Module):
         rotary = lm.model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scaling = float(rotary.attention_scaling)
+        self.epsilon = float(conf.rms_norm_eps)
+        if attention == "gqa":  # RotaryEmbedding's tables: every position the model's context allows
+            angles = torch.arange(int(conf.max_position_embeddings)).float()[:, None] * self.inv_freq  # (P, dh/2)
+            self.register_buffer("cos_cache", angles.cos() * self.rope_scaling, persistent=False)
+            self.register_buffer("sin_cache", angles.sin() * self.rope_scaling, persistent=False)
 
     cached_attention = staticmethod(cached_attention)  # the "standard" cache + attention step
 
@@ -101,11 +108,6 @@ class DecoderGraph(nn.Module):
         dtype = inputs_embeds.dtype
         total = attention_mask.shape[1]  # L
 
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, S, dh/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, dh)
-        cos = (emb.cos() * self.rope_scaling).to(dtype)[:, None]  # (B, 1, S, dh)
-        sin = (emb.sin() * self.rope_scaling).to(dtype)[:, None]
-
         if self.attention == "gqa":
             # GQA masks causally (and by window) itself; padding comes in as an additive bias.
             bias = torch.where(attention_mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)
@@ -113,16 +115,20 @@ class DecoderGraph(nn.Module):
             seqlens_k = torch.full((b,), total - 1, dtype=torch.int32)  # ORT: total length - 1 per row
             total_len = torch.full((), total, dtype=torch.int32)
             window = self.sliding_window or -1  # GQA keeps keys (q - w, q], as transformers does
-        else:
-            q_slot = torch.arange(s, device=inputs_embeds.device) + (total - s)  # (S,)
-            k_slot = torch.arange(total, device=inputs_embeds.device)  # (L,)
-            allowed = k_slot[None, :] <= q_slot[:, None]  # (S, L) causal over slots
-            if self.sliding_window is not None:
-                allowed = allowed & (k_slot[None, :] > q_slot[:, None] - self.sliding_window)
-            allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, L)
+            return self._fused_layers(inputs_embeds, position_ids, past, bias, seqlens_k, total_len, window)
+
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, S, dh/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, dh)
+        cos = (emb.cos() * self.rope_scaling).to(dtype)[:, None]  # (B, 1, S, dh)
+        sin = (emb.sin() * self.rope_scaling).to(dtype)[:, None]
+        q_slot = torch.arange(s, device=inputs_embeds.device) + (total - s)  # (S,)
+        k_slot = torch.arange(total, device=inputs_embeds.device)  # (L,)
+        allowed = k_slot[None, :] <= q_slot[:, None]  # (S, L) causal over slots
+        if self.sliding_window is not None:
+            allowed = allowed & (k_slot[None, :] > q_slot[:, None] - self.sliding_window)
+        allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, L)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-
         hidden = inputs_embeds
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -134,18 +140,40 @@ class DecoderGraph(nn.Module):
             v = qkv[..., q_size + kv_size:].reshape(b, s, self.num_kv_heads, self.head_dim)  # (B, S, Hkv, dh)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            if self.attention == "gqa":
-                out, k_cache, v_cache = group_query_attention(
-                    q.transpose(1, 2).reshape(b, s, q_size), k.transpose(1, 2).reshape(b, s, kv_size),
-                    v.reshape(b, s, kv_size), past[2 * i], past[2 * i + 1], seqlens_k, total_len, bias,
-                    self.num_heads, self.num_kv_heads, float(attn.scaling), window)  # out (B, S, H*dh)
-            else:
-                out, k_cache, v_cache = self.cached_attention(q, k, v.transpose(1, 2), past[2 * i],
-                                                              past[2 * i + 1], allowed, float(attn.scaling))
-                out = out.transpose(1, 2).reshape(b, s, q_size)  # (B, S, H*dh)
+            out, k_cache, v_cache = self.cached_attention(q, k, v.transpose(1, 2), past[2 * i],
+                                                          past[2 * i + 1], allowed, float(attn.scaling))
+            out = out.transpose(1, 2).reshape(b, s, q_size)  # (B, S, H*dh)
             presents += [k_cache, v_cache]
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
         last = self.norm(hidden[:, -1])  # (B, D)
+        return (self.lm_head(last), *presents)  # logits (B, V+3)
+
+    def _fused_layers(self, inputs_embeds, position_ids, past, bias, seqlens_k, total_len, window):
+        """The "gqa" body: per layer norm -> qkv -> RoPE(q), RoPE(k) -> GQA -> o_proj -> add + norm
+        -> MLP, where each residual add rides in the next SkipSimplifiedLayerNormalization."""
+        b, s, _ = inputs_embeds.shape
+        dtype = inputs_embeds.dtype
+        cos, sin = self.cos_cache.to(dtype), self.sin_cache.to(dtype)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        hidden = inputs_embeds  # the residual stream
+        normed = rms_norm(hidden, self.layers[0].input_layernorm.weight, self.epsilon)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj(normed)  # (B, S, (H + 2 Hkv) dh)
+            q = rotary_embedding(qkv[..., :q_size], position_ids, cos, sin, self.num_heads)
+            k = rotary_embedding(qkv[..., q_size:q_size + kv_size], position_ids, cos, sin, self.num_kv_heads)
+            out, k_cache, v_cache = group_query_attention(
+                q, k, qkv[..., q_size + kv_size:], past[2 * i], past[2 * i + 1], seqlens_k, total_len, bias,
+                self.num_heads, self.num_kv_heads, float(attn.scaling), window)  # out (B, S, H*dh)
+            presents += [k_cache, v_cache]
+            normed, hidden = skip_rms_norm(attn.o_proj(out), hidden, layer.post_attention_layernorm.weight,
+                                           self.epsilon)
+            mlp = layer.mlp(normed)
+            if i + 1 < len(self.layers):
+                normed, hidden = skip_rms_norm(mlp, hidden, self.layers[i + 1].input_layernorm.weight, self.epsilon)
+        last = rms_norm(hidden[:, -1] + mlp[:, -1], self.norm.weight, self.epsilon)  # (B, D)
         return (self.lm_head(last), *presents)  # logits (B, V+3)

@@ -14,6 +14,8 @@ of the structure quantization relies on). Error bounds, on synthetic clips:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from pathlib import Path
 
@@ -177,6 +179,15 @@ def test_decoder_weights_logits_within_bound(engine, calib, synth_dir, scheme, b
     dec = onnx.load(str(engine / "decoder.onnx"))
     qdec, report = quantize_decoder(dec, decoder_feeds(backend, cs), scheme, "awq", 32)
     assert report["layers"] == sum(n.op_type == "MatMulNBits" for n in qdec.graph.node) > 0
+    # qkv and gate_up read a fused (Skip)SimplifiedLayerNormalization: an AWQ input scale folds into
+    # its weight (copied first where the exporter shares one initializer), never a Mul node. (The
+    # decoupled LM head's two MatMuls share the final norm's output: that one keeps its Muls.)
+    producer = {o: n for n in qdec.graph.node for o in n.output}
+    readers = Counter(i for n in dec.graph.node for i in n.input)
+    for node in qdec.graph.node:
+        if node.op_type == "Mul" and node.name.endswith("_awq") and readers[node.input[0]] == 1:
+            assert "LayerNormalization" not in producer[node.input[0]].op_type, node.name
+    assert report["folded"] > 0
     held_out = CalibrationSet.from_folder(synth_dir, backend.num_frames, backend.image_size, samples=6, seed=1)
     ref_sess, q_sess = session(dec), session(qdec)
     for feed in decoder_feeds(backend, held_out):

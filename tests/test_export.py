@@ -8,6 +8,8 @@ difference <= 1e-4 to the reference, as the exporter itself enforces.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from pathlib import Path
 
@@ -229,3 +231,11 @@ def test_decoder_graph_has_no_control_flow(exported):
     ops = {node.op_type for node in graph.node}
     assert not ops & {"If", "Loop", "Scan"}
     assert "GroupQueryAttention" in ops  # the default: ORT's fused attention on the shared KV buffers
+    # ... with RMSNorm, residual adds and RoPE as ORT's fused kernels (export/ort_ops.py), not
+    # the six-node norm and dozen-node rotate-half the exporter writes from the modules
+    layers = sum(node.op_type == "GroupQueryAttention" for node in graph.node)
+    count = Counter(node.op_type for node in graph.node)
+    assert count["RotaryEmbedding"] == 2 * layers
+    assert count["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
+    assert count["SimplifiedLayerNormalization"] == 2  # the first layer's input norm and the final norm
+    assert not ops & {"Pow", "Sqrt", "Reciprocal", "Neg", "Cos", "Sin"}

@@ -336,6 +336,36 @@ def render(objects: Sequence[_Object], size: int, num_frames: int) -> np.ndarray
     return frames
 
 
+# ---------------------------------------------------------------- more questions about one clip
+
+
+def static_questions(scene: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every `colour`, `shape` and `count` question the scene answers unambiguously, as
+    (question, answer, category), derived from the scene alone.
+
+    For training: a clip costs its vision pass once, and several questions about it share that
+    pass (the video tokens are computed once and reused). An object qualifies when it shows one
+    colour whenever it is visible (in at least one sampled frame); "the {shape}" needs that shape to
+    be unique in the clip, "the {colour} object" that colour to be worn by no other object at any
+    time; `count` needs every object visible in every frame."""
+    objects = scene["objects"]
+    sampled = scene["sampled_frames"]
+    colour_sets = [{c for c in o["colour"] if c is not None} for o in objects]
+    shapes = [o["shape"] for o in objects]
+    out = []
+    for obj, colours in zip(objects, colour_sets):
+        if len(colours) != 1 or all(obj["colour"][f] is None for f in sampled):
+            continue
+        (colour,) = colours
+        if shapes.count(obj["shape"]) == 1:
+            out.append((QUESTIONS["colour"].format(shape=obj["shape"]), colour, "colour"))
+        if sum(colour in s for s in colour_sets) == 1:
+            out.append((QUESTIONS["shape"].format(colour=colour), obj["shape"], "shape"))
+    if objects and all(c is not None for o in objects for c in o["colour"]):
+        out.append((QUESTIONS["count"], NUMBERS[len(objects) - 1], "count"))
+    return out
+
+
 # ---------------------------------------------------------------- public API
 
 

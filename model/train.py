@@ -71,26 +71,39 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
     noise: float = 0.03  # gaussian pixel noise (normalised units): stands in for h264 artefacts
+    questions: int = 4  # questions per generated clip: its own + up to 3 of synth.static_questions
 
 
 class SynthStream(IterableDataset):
-    """Endless (pixels, question, answer, category) rendered in memory from the generator."""
+    """Endless (pixels, [(question, answer, category), ...]) rendered in memory from the generator.
 
-    def __init__(self, seed: int, num_frames: int, image_size: int, noise: float, start: int = 0):
+    The first question is the clip's own (so categories stay uniform); up to `questions - 1` more
+    are drawn from `synth.static_questions(scene)`. They share the clip's vision pass, which is most
+    of a training step's cost, and each one is another binding of a word to what the tokens show
+    (the demo sat at the answer prior for shape questions with one question per clip)."""
+
+    def __init__(self, seed: int, num_frames: int, image_size: int, noise: float, start: int = 0,
+                 questions: int = 1):
         self.seed, self.num_frames, self.image_size, self.noise, self.start = seed, num_frames, image_size, noise, start
+        self.questions = questions
 
     def __iter__(self):
-        rng = np.random.default_rng((self.seed, self.start))  # pixel noise, reproducible on resume
+        rng = np.random.default_rng((self.seed, self.start))  # pixel noise and picks, reproducible on resume
         for ex in synth.example_stream(self.seed, start=self.start, model_frames=self.num_frames):
             frames = ex.frames[frame_indices(len(ex.frames), self.num_frames)]  # (T, H, W, 3)
             pixels = preprocess(frames, self.image_size)  # (T, 3, S, S)
             if self.noise:
                 pixels = pixels + rng.normal(0, self.noise, pixels.shape).astype(np.float32)
-            yield pixels, ex.question, ex.answer, ex.category
+            qa = [(ex.question, ex.answer, ex.category)]
+            if self.questions > 1:
+                more = [q for q in synth.static_questions(ex.scene) if q[0] != ex.question]
+                qa += [more[i] for i in rng.permutation(len(more))[: self.questions - 1]]
+            yield pixels, qa
 
 
 class FolderStream(IterableDataset):
-    """Endless passes over a `blip3v data synth` folder, clips decoded through the runtime's video path."""
+    """Endless passes over a `blip3v data synth` folder, clips decoded through the runtime's video path
+    (one question per clip: qa.jsonl carries no scene)."""
 
     def __init__(self, data_dir: str | Path, num_frames: int, image_size: int, seed: int, start: int = 0):
         self.rows = synth.read_dataset(data_dir)
@@ -105,7 +118,7 @@ class FolderStream(IterableDataset):
             for j in rng.permutation(len(self.rows)):
                 if i >= self.start:
                     r = self.rows[j]
-                    yield load_clip(r["path"], self.num_frames, self.image_size), r["question"], r["answer"], r["category"]
+                    yield load_clip(r["path"], self.num_frames, self.image_size), [(r["question"], r["answer"], r["category"])]
                 i += 1
 
 
@@ -132,14 +145,18 @@ def _worker_init(_: int) -> None:
 
 
 def collate(batch, cfg: XGenMMConfig, tokenizer):
-    """-> pixels (B, T, 3, S, S), ids (B, L) right-padded, labels (B, L - 1 + M) with -100 off-answer."""
+    """[(pixels, [(question, answer, category), ...]), ...] ->
+    pixels (B, T, 3, S, S), ids (Q, L) right-padded, labels (Q, L - 1 + M) with -100 off-answer, and
+    owner (Q,): the clip each of the Q questions is about."""
     pixels = torch.from_numpy(np.stack([b[0] for b in batch]))
     end = cfg.special_token_ids["end"]
-    rows, answer_lens = [], []
-    for _, question, answer, _ in batch:
-        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [end]
-        rows.append(encode_prompt(cfg, tokenizer, question) + answer_ids)
-        answer_lens.append(len(answer_ids))
+    rows, answer_lens, owner = [], [], []
+    for clip, (_, qa) in enumerate(batch):
+        for question, answer, _ in qa:
+            answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [end]
+            rows.append(encode_prompt(cfg, tokenizer, question) + answer_ids)
+            answer_lens.append(len(answer_ids))
+            owner.append(clip)
     width = max(len(r) for r in rows)
     pad = cfg.special_token_ids["pad"]
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -149,12 +166,15 @@ def collate(batch, cfg: XGenMMConfig, tokenizer):
         ids[i, : len(row)] = torch.tensor(row)
         spliced_len = len(row) - 1 + m
         labels[i, spliced_len - n_ans: spliced_len] = torch.tensor(row[-n_ans:])
-    return pixels, ids, labels
+    return pixels, ids, labels, torch.tensor(owner)
 
 
-def answer_loss(model: XGenMMVideoModel, pixels, ids, labels) -> torch.Tensor:
+def answer_loss(model: XGenMMVideoModel, pixels, ids, labels, owner) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens; each clip's video tokens are computed once and
+    shared by its questions (`owner`)."""
     # Right padding needs no mask: causal attention never lets later pads reach earlier tokens.
-    logits = model(pixels, ids)  # (B, L - 1 + M, V)
+    video = model.encode_video(pixels)[owner]  # (Q, M, D)
+    logits, _ = model.decoder(model.splice(ids, video), use_cache=False)  # (Q, L - 1 + M, V)
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
     )
@@ -200,7 +220,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         stream = FolderStream(data, cfg.num_frames, cfg.image_size, tc.seed, start=start * tc.batch_size)
     else:
         stream = SynthStream(TRAIN_SEED_BASE + tc.seed, cfg.num_frames, cfg.image_size, tc.noise,
-                             start=start * tc.batch_size)
+                             start=start * tc.batch_size, questions=tc.questions)
     loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=1, worker_init_fn=_worker_init,
                         collate_fn=lambda b: collate(b, cfg, tokenizer), prefetch_factor=4)
     from tqdm import tqdm
@@ -217,12 +237,12 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
                    out / (STATE_NAME + ".tmp"))
         (out / (STATE_NAME + ".tmp")).replace(state_path)
 
-    for pixels, ids, labels in loader:
+    for pixels, ids, labels, owner in loader:
         if step >= tc.steps:
             break
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
-        loss = answer_loss(model, pixels, ids, labels)
+        loss = answer_loss(model, pixels, ids, labels, owner)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -160,6 +160,31 @@ def test_answer_from_pixels(category):
         assert pixel_answer(e.frames[SAMPLED], e.question, category) == e.answer, (e.question, e.scene)
 
 
+def test_static_questions_are_answered_by_the_pixels(examples):
+    """The extra training questions of every category's clips: each answer is the only one the
+    sampled frames show (colour/shape of a blob over all frames where it is visible; count)."""
+    asked = Counter()
+    for e in examples:
+        seen = [blobs(f) for f in e.frames[SAMPLED]]
+        questions = synth.static_questions(e.scene)
+        assert len({q for q, _, _ in questions}) == len(questions)
+        for question, answer, category in questions:
+            asked[(e.category, category)] += 1
+            word = re.search(r"the (\w+)", question)
+            if category == "colour":
+                shown = {b["colour"] for s in seen for b in s if b["shape"] == word.group(1)}
+            elif category == "shape":
+                shown = {b["shape"] for s in seen for b in s if b["colour"] == word.group(1)}
+            else:
+                shown = {synth.NUMBERS[len(s) - 1] for s in seen}
+            assert shown == {answer}, (question, answer, shown, e.scene)
+        if e.category in ("colour", "shape", "count"):
+            assert (e.question, e.answer, e.category) in questions
+    # temporal clips contribute too: colour/shape of their steady objects, count where nobody comes or goes
+    assert asked[("direction", "count")] and asked[("change", "shape")] and asked[("order", "colour")]
+    assert not asked[("order", "count")]
+
+
 def test_temporal_answers_need_time(examples):
     """No single sampled frame answers a temporal question, and the frame counts are time-symmetric."""
     change_counts, order_counts = Counter(), Counter()

@@ -464,7 +464,7 @@ def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.enable_profiling = True
-    options.profile_file_prefix = str(workdir / "profile-blip3v")
+    options.profile_file_prefix = str(workdir / f"profile-blip3v-{decoder_path.stem}")
     backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
     blip3v_system(backend, "gqa", "fp32").run(prompt, new_tokens)
     return trace_summary(Path(backend.decoder.end_profiling()))
@@ -478,7 +478,7 @@ def profile_genai(model_dir: Path, prompt: np.ndarray, new_tokens: int, workdir:
     config_path = model_dir / "genai_config.json"
     original = config_path.read_text()
     config = json.loads(original)
-    prefix = workdir / "profile-genai"
+    prefix = workdir / f"profile-{model_dir.name}"  # one prefix per model: fp32 and int4 traces apart
     config["model"]["decoder"]["session_options"]["enable_profiling"] = str(prefix)
     config_path.write_text(json.dumps(config, indent=4))
     try:
@@ -488,7 +488,7 @@ def profile_genai(model_dir: Path, prompt: np.ndarray, new_tokens: int, workdir:
         gc.collect()
     finally:
         config_path.write_text(original)
-    traces = sorted(workdir.glob("profile-genai*.json"))
+    traces = sorted(workdir.glob(f"{prefix.name}*.json"))
     if not traces:
         raise RuntimeError("onnxruntime-genai wrote no profile")
     return trace_summary(traces[-1])
@@ -663,7 +663,7 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
             raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
         golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
         embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
-        systems, exports = [], {}
+        systems, exports, int4_path = [], {}, None
         int4_options = {"block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level}
         for precision in (p for p in args.precision if p != "int4"):
             # a copy per precision and device for transformers and the export; the reference stays float32.
@@ -681,8 +681,8 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                 systems.append(torch_system(dmodel, precision, args.device, args.threads))
         if "int4" in args.precision and "onnxruntime" in backends:
             fp32_gqa = exports.get("gqa fp32") or export_blip3v(model, work, ["gqa"], "fp32", golden, log)["gqa"]
-            path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
-                                        args.int4_accuracy_level, log, args.seed)
+            int4_path = path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
+                                                    args.int4_accuracy_level, log, args.seed)
             systems.append(blip3v_system(blip3v_backend(path, embeddings, conf, args.threads,
                                                         _ort_providers(args.device)), "gqa", "int4"))
         if "int4" in args.precision and "torch" in backends and cuda:  # INT4 Triton kernel; no CPU fast path
@@ -723,6 +723,14 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
             if have_genai and "fp32" in args.precision:
                 log("profiling one onnxruntime-genai request")
                 result["profile"]["onnxruntime-genai"] = profile_genai(work / "genai-fp32", prompt, args.new_tokens, work)
+            if int4_path is not None:
+                log("profiling one blip3v (gqa, int4) request")
+                result["profile"]["blip3v gqa int4"] = profile_blip3v(int4_path, embeddings, conf, args.threads,
+                                                                      prompt, args.new_tokens, work)
+            if have_genai and "int4" in args.precision:
+                log("profiling one onnxruntime-genai int4 request")
+                result["profile"]["onnxruntime-genai int4"] = profile_genai(work / "genai-int4", prompt,
+                                                                            args.new_tokens, work)
         log(f"done in {time.perf_counter() - t0:.0f} s")
     return result
 

@@ -162,14 +162,17 @@ def weight_kn(model: onnx.ModelProto, target: WeightNode) -> np.ndarray:
 
 def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: list[dict[str, np.ndarray]],
                    seed: int = 0) -> dict[str, np.ndarray]:
-    """The rows (tokens) each target's input takes over the calibration feeds, at most MAX_ROWS each."""
+    """The distinct rows (tokens) each target's input takes over the calibration feeds, at most
+    MAX_ROWS each. Repeated rows are dropped first: every calibration prompt opens with the same
+    system text, whose tokens (causal attention: same prefix, same activations) would otherwise
+    fill most of the sample and outweigh the video and question tokens."""
     rows: dict[str, list[np.ndarray]] = {}
     run_collect(model, sorted({t.activation for t in targets}), feeds,
                 lambda name, x: rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).astype(np.float32)))
     rng = np.random.default_rng(seed)
     out = {}
     for name, parts in rows.items():
-        x = np.concatenate(parts)
+        x = np.unique(np.concatenate(parts), axis=0)  # sorted distinct rows: order-independent
         out[name] = x[np.sort(rng.permutation(len(x))[:MAX_ROWS])] if len(x) > MAX_ROWS else x
     return out
 

@@ -447,7 +447,12 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
         from blip3v.export.trt_check import check_engine_dir
 
         trt_report = check_engine_dir(tmp)
-        log("      " + trt_report.summary())
+        if attention == "gqa" and not trt_report.ok:
+            log("      TensorRT: not this engine (its decoder uses ONNX Runtime's fused kernels: "
+                "GroupQueryAttention, RotaryEmbedding, SimplifiedLayerNormalization); export with "
+                "--attention standard for TensorRT")
+        else:
+            log("      " + trt_report.summary())
         if attention == "standard":
             trt_report.raise_if_failed()
         _move_into_place(tmp, out)

@@ -57,6 +57,8 @@ SUPPORTED.update({"Gelu": 20, "AffineGrid": 20, "CenterCropPad": 18, "GroupNorma
 MIN_OPSET, MAX_OPSET = 9, 22  # onnx-tensorrt 10.x parses opsets 9..22 (10.0-10.7: up to 20)
 ONNX_DOMAINS = ("", "ai.onnx")
 CONTRIB_HINT = "export with `blip3v export --attention standard` (plain ONNX ops)"
+# ONNX Runtime kernels registered in the default domain (no ONNX schema): what a gqa export uses
+ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 # Normalizations and softmax run in FP32 inside an fp16/bf16 engine: their reductions overflow or
 # lose the small differences that matter in half precision (TensorRT's own advice in the
@@ -272,7 +274,8 @@ def check_graph(model: Any, label: str) -> tuple[list[Finding], dict[str, Any]]:
                 continue
             since = SUPPORTED.get(n.op_type)
             if since is None:
-                problems.append(Finding(label, n.name, n.op_type, "not supported by TensorRT 10's ONNX parser"))
+                hint = f"; {CONTRIB_HINT}" if n.op_type in ORT_DEFAULT_DOMAIN_OPS else ""
+                problems.append(Finding(label, n.name, n.op_type, f"not supported by TensorRT 10's ONNX parser{hint}"))
                 continue
             if opset < since:
                 problems.append(Finding(label, n.name, n.op_type, f"needs opset {since}, the graph has {opset}"))

@@ -67,6 +67,7 @@ def test_standard_export_passes_the_check(standard):
 
 
 @pytest.mark.parametrize("op,domain,needle", [("GroupQueryAttention", "com.microsoft", "--attention standard"),
+                                              ("SimplifiedLayerNormalization", "", "--attention standard"),
                                               ("Unique", "", "not supported")])
 def test_planted_unsupported_op_fails_with_one_line(standard, tmp_path, op, domain, needle):
     report = check_engine_dir(_plant(standard, tmp_path / "e", op, domain))

@@ -2,7 +2,7 @@
 temporal-encoder study, arXiv 2410.16267 sec. 3): trains each preset for the same number of steps
 and evaluates it on held-out clips, printing a markdown table of accuracy per category.
 
-    python benchmarks/ablation.py --steps 600 --val-seed 7 --n 200 [--jobs 2]
+    python benchmarks/ablation.py --steps 600 --lr 2e-3 --val-seed 7 --n 200 [--jobs 2]
 
 Each run is `blip3v train --preset P` then `blip3v eval --json`, so the table is reproducible
 from the CLI alone. Results land in runs/ablation/<preset>/ (checkpoints) and runs/ablation/results.json.
@@ -32,7 +32,7 @@ def run(cmd: list[str]) -> str:
 def one(preset: str, args) -> dict:
     out = Path(args.root) / preset
     train = json.loads(run(["blip3v", "train", "--preset", preset, "--out", str(out), "--steps", str(args.steps),
-                            "--batch-size", str(args.batch_size), "--quiet", "--json"]))
+                            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--quiet", "--json"]))
     result = json.loads(run(["blip3v", "eval", "--model", str(out), "--data", args.val, "--quiet", "--json"]))
     result.update(preset=preset, steps=train["steps"], train_seconds=train["seconds"])
     print(f"{preset}: {result['accuracy']:.3f}", file=sys.stderr, flush=True)
@@ -43,6 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-seed", type=int, default=7)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--root", default="runs/ablation")

@@ -9,9 +9,11 @@ and output column; zero point 2^(bits-1), the op's default). Two ways to choose 
          s = mean|x|^alpha (alpha searched on a grid, alpha = 0 is RTN) moves quantization error
          away from the channels with large activations: W' = diag(s) W is quantized and x / s is
          fed in, folded into the preceding RMSNorm weight where that is the only consumer, else one
-         Mul; (2) each block's clipping ratio is searched to minimise the activation-weighted error
-         sum_k E[x_k^2] (w_k - q(w_k))^2. Both searches include RTN's choice, so on the calibration
-         activations AWQ's output error is never above RTN's.
+         Mul. The grid includes RTN's choice, so on the calibration activations AWQ's output error
+         is never above RTN's.
+AWQ's second step, a per-block clipping-ratio search, is left out on evidence: on the demo decoder
+it lowered the calibration output error further but changed the first answer token on 2 of 400
+held-out clips (0.9-1.0 ratios only: 1 of 400), where scaling alone and RTN changed none.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ SCHEMES = {"int4": 4, "int8": 8}
 METHODS = ("awq", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 MAX_ROWS = 256  # calibration activation rows kept per MatMul
 
 
@@ -105,8 +106,7 @@ def _dequantized_kn(wb: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.
 def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> QuantizedWeight:
     """Activation-aware scales: input channel c is multiplied by s_c = mean|x_c|^alpha before
     rounding (and x divided by it), alpha chosen on the grid by the output error on `x`; alpha 0
-    is round-to-nearest, so the search never does worse than RTN on these rows. Then a per-block
-    clipping ratio weighted by the scaled activations' energy."""
+    is round-to-nearest, so the search never does worse than RTN on these rows."""
     k = w.shape[0]
     mean_abs = np.abs(x).mean(0) + 1e-8  # (K,)
     ref_energy = float(((x @ w) ** 2).sum())
@@ -122,21 +122,9 @@ def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> Quantiz
         if best is None or err < best[0]:
             best = (err, s)
     assert best is not None
-    best_err, in_scale = best
-    s = in_scale if in_scale is not None else np.ones(k, np.float32)
-    wb = _blocks(w * s[:, None], block)  # (N, nb, B)
-    importance = np.zeros(wb.shape[1] * block, np.float32)
-    importance[:k] = ((x / s) ** 2).mean(0)
-    importance = importance.reshape(1, -1, block)
-    plain = _rtn_scale(wb, bits)
-    chosen, chosen_err = plain, np.full(plain.shape, np.inf)
-    for ratio in CLIP_RATIOS:
-        scale = _rtn_scale(wb, bits, ratio)
-        err = (importance * (wb - _round(wb, scale, bits) * scale[..., None]) ** 2).sum(-1)  # (N, nb)
-        better = err < chosen_err
-        chosen, chosen_err = np.where(better, scale, chosen), np.where(better, err, chosen_err)
-    clipped_err = _relative_error(x, w, _dequantized_kn(wb, chosen, bits, k) / s[:, None], ref_energy)
-    return _finish(wb, chosen if clipped_err <= best_err else plain, bits, k, block, in_scale)
+    in_scale = best[1]
+    wb = _blocks(w * in_scale[:, None] if in_scale is not None else w, block)  # (N, nb, B)
+    return _finish(wb, _rtn_scale(wb, bits), bits, k, block, in_scale)
 
 
 def decoder_targets(model: onnx.ModelProto) -> list[WeightNode]:

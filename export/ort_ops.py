@@ -8,7 +8,8 @@ ONNX Runtime 1.32's graph optimizer fuses none of them (the exporter writes rsqr
 Sqrt + Reciprocal, which its SimplifiedLayerNormFusion does not match). Written as
 `SimplifiedLayerNormalization`, `com.microsoft.SkipSimplifiedLayerNormalization` (the residual add
 folded into the next norm) and `com.microsoft.RotaryEmbedding`, a Phi-3 layer is about 13 nodes
-after ORT's own optimizer instead of about 50. Rotary keeps explicit `position_ids`, so left-padded batches stay exact.
+after ORT's own optimizer instead of about 50. Rotary keeps explicit `position_ids`, so left-padded
+batches stay exact.
 
 In PyTorch each op runs the reference math (transformers' Phi3RMSNorm: float32 statistics, weight
 applied in the input dtype; rotate-half RoPE from a cos/sin table indexed by position), so the

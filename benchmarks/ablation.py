@@ -6,6 +6,7 @@ and evaluates it on held-out clips, printing a markdown table of accuracy per ca
 
 Each run is `blip3v train --preset P` then `blip3v eval --json`, so the table is reproducible
 from the CLI alone. Results land in runs/ablation/<preset>/ (checkpoints) and runs/ablation/results.json.
+RESULTS.md's "Token-budget ablation" table is this script with --steps 400.
 """
 
 from __future__ import annotations

@@ -109,3 +109,16 @@ def test_bench_decode_bad_lm(tmp_path):
     assert_one_line_error(run_cli("bench", "decode", "--lm", str(tmp_path), "--quiet"), "phi3")
     assert_one_line_error(run_cli("bench", "decode", "--lm", str(tmp_path / "none"), "--quiet"), "config.json")
     assert_one_line_error(run_cli("bench", "decode", "--backend", "tvm"), "tvm")
+
+
+@pytest.mark.parametrize("script", ["ablation.py", "shape_probe.py", "awq_first_tokens.py"])
+def test_study_scripts_explain_themselves(script):
+    """The scripts behind RESULTS.md's study figures import and document their command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "RESULTS.md" in proc.stdout

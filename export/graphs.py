@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from blip3v.export.gqa import cached_attention, group_query_attention
-from blip3v.export.ort_ops import rms_norm, rotary_embedding, skip_rms_norm
+from blip3v.export.ort_ops import rms_norm, rotate_half, rotary_embedding, skip_rms_norm
 from blip3v.model.xgenmm import XGenMMVideoModel
 
 
@@ -52,11 +52,6 @@ class VisualGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_video(pixel_values)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 ATTENTION = ("gqa", "standard")
@@ -138,8 +133,8 @@ class DecoderGraph(nn.Module):
             q = qkv[..., :q_size].reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, dh)
             k = qkv[..., q_size:q_size + kv_size].reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size:].reshape(b, s, self.num_kv_heads, self.head_dim)  # (B, S, Hkv, dh)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             out, k_cache, v_cache = self.cached_attention(q, k, v.transpose(1, 2), past[2 * i],
                                                           past[2 * i + 1], allowed, float(attn.scaling))
             out = out.transpose(1, 2).reshape(b, s, q_size)  # (B, S, H*dh)

@@ -22,6 +22,12 @@ import torch
 from torch import Tensor
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    """Phi-3's RoPE pairing: (x1, x2) halves of the last axis -> (-x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
 def _rms(x: Tensor, weight: Tensor, epsilon: float) -> Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + epsilon)
@@ -61,9 +67,7 @@ def rotary_embedding(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cac
     cos = torch.cat([cos, cos], dim=-1)[:, :, None]  # (B, S, 1, dh)
     sin = torch.cat([sin, sin], dim=-1)[:, :, None]
     heads = x.view(b, s, num_heads, -1)  # (B, S, H, dh)
-    half = heads.shape[-1] // 2
-    rotated = torch.cat([-heads[..., half:], heads[..., :half]], dim=-1)
-    return (heads * cos + rotated * sin).reshape(b, s, -1)
+    return (heads * cos + rotate_half(heads) * sin).reshape(b, s, -1)
 
 
 @rotary_embedding.register_fake

@@ -267,8 +267,8 @@ def summary(report: dict[str, Any]) -> list[str]:
         mean = np.mean([p[f"{m}_rel_error"] for p in d["per_layer"]])
         rtn = np.mean([p["rtn_rel_error"] for p in d["per_layer"]])
         lines.append(f"decoder {d['scheme']} ({m}, block {d['block_size']}): {d['layers']} MatMuls, mean relative output "
-                     f"error {mean:.2e} (round-to-nearest {rtn:.2e}); input scales folded {d['folded']}, Mul nodes "
-                     f"{d['mul_nodes']}")
+                     f"error {mean:.2e} (round-to-nearest {rtn:.2e}); input scales folded into norms {d['folded']}, into "
+                     f"MatMul columns {d['folded_into_matmul']}, Mul nodes {d['mul_nodes']}")
     g = report["agreement"]
     line = (f"same answer as fp32 on {100 * g['same_answer']:.1f}% of {g['clips']} held-out clips; accuracy "
             f"{g['accuracy_fp32']:.3f} -> {g['accuracy_quantized']:.3f}")

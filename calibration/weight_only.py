@@ -8,8 +8,9 @@ and output column; zero point 2^(bits-1), the op's default). Two ways to choose 
          on calibration prompts that carry real video tokens, (1) a per-input-channel scale
          s = mean|x|^alpha (alpha searched on a grid, alpha = 0 is RTN) moves quantization error
          away from the channels with large activations: W' = diag(s) W is quantized and x / s is
-         fed in, folded into the preceding RMSNorm weight where that is the only consumer, else one
-         Mul. The grid includes RTN's choice, so on the calibration activations AWQ's output error
+         fed in, folded into the preceding RMSNorm weight where that is the only consumer, or into
+         the columns of the MatMul that produces the input (o_proj: V of qkv; down_proj: up of
+         gate_up), else one Mul. The grid includes RTN's choice, so on the calibration activations AWQ's output error
          is never above RTN's.
 AWQ's second step, a per-block clipping-ratio search, is left out on evidence: on the demo decoder
 it lowered the calibration output error further but changed the first answer token on 2 of 400
@@ -208,7 +209,8 @@ def _fold(model: onnx.ModelProto, node: onnx.NodeProto, j: int, in_scale: np.nda
 def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNode, QuantizedWeight]],
                     accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A copy of `model` with each target MatMul replaced by MatMulNBits (+ its input scale, folded
-    into the preceding norm weight where possible). -> (model, {"folded": n, "mul_nodes": n})."""
+    into the preceding norm weight or producing MatMul's columns where possible)
+    -> (model, {"folded": into norms, "folded_into_matmul": into columns, "mul_nodes": Muls left})."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     fresh = Namer(out)
@@ -246,9 +248,108 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
                                       K=k, N=n, bits=qw.bits, block_size=qw.block, accuracy_level=accuracy_level))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    counts["folded_into_matmul"] = _fold_muls_into_producers(out)
+    counts["mul_nodes"] -= counts["folded_into_matmul"]
     drop_unused_initializers(out)
     ensure_opset(out, "com.microsoft", 1)
     return out, counts
+
+
+# The decoder's activations are (B, S, N): a Slice or Split on axis 2 (or -1) picks output columns.
+_LAST_AXIS = (2, -1)
+
+
+def _ints(model: onnx.ModelProto, name: str) -> list[int] | None:
+    t = initializers(model).get(name)
+    return None if t is None else [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+
+
+def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.NodeProto],
+                  readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
+    """(MatMulNBits, first column, width) when `name` is a last-axis Slice or Split of that
+    MatMulNBits' output and is read by one node only; else None."""
+    node = producer.get(name)
+    if node is None or readers.get(name, 0) != 1 or node.op_type not in ("Slice", "Split"):
+        return None
+    source = producer.get(node.input[0])
+    if source is None or source.op_type != "MatMulNBits":
+        return None
+    n = next(a.i for a in source.attribute if a.name == "N")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Slice":
+        starts, ends = _ints(model, node.input[1]), _ints(model, node.input[2])
+        axes = _ints(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        steps = _ints(model, node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+        if not starts or not ends or len(starts) != 1 or axes is None or axes[0] not in _LAST_AXIS or steps != [1]:
+            return None
+        start, end = (min(max(v + n if v < 0 else v, 0), n) for v in (starts[0], ends[0]))
+        return (source, start, end - start) if end > start else None
+    if attrs.get("axis", 0) not in _LAST_AXIS:
+        return None
+    sizes = _ints(model, node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("split")
+    if sizes is None:
+        parts = len(node.output)
+        sizes = [-(-n // parts)] * (parts - 1) + [n - (parts - 1) * -(-n // parts)]  # ONNX Split's uneven rule
+    i = list(node.output).index(name)
+    return source, int(sum(sizes[:i])), int(sizes[i])
+
+
+def _fold_muls_into_producers(model: onnx.ModelProto) -> int:
+    """Removes AWQ input-scale Muls whose input is linear in one MatMul's output columns, by scaling
+    those columns' MatMulNBits block scales instead (exact: a column's rounded integers do not change
+    when the whole column is scaled). Two places in a Phi-3 layer:
+      o_proj    reads attention output = softmax(QK^T) V: the V columns of the qkv projection (when
+                every query head has its own KV head, so a channel of V is a channel of the output);
+      down_proj reads silu(gate) * up: the up columns of the gate_up projection.
+    The KV cache then holds V / s, which only this graph reads. -> the number of Muls removed."""
+    producer = {o: node for node in model.graph.node for o in node.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    inits = initializers(model)
+    removed = set()
+    for mul in list(model.graph.node):
+        if mul.op_type != "Mul" or not mul.name.endswith("_awq") or len(mul.input) != 2 or mul.input[1] not in inits:
+            continue
+        x = mul.input[0]
+        source = producer.get(x)
+        if source is None or readers.get(x, 0) != 1 or len(mul.output) != 1:
+            continue
+        candidates: list[str] = []
+        if source.op_type == "Mul":
+            candidates = list(source.input)
+        elif source.op_type == "GroupQueryAttention" and source.output[0] == x and len(source.input) > 2:
+            attrs = {a.name: a.i for a in source.attribute if a.type == onnx.AttributeProto.INT}
+            if attrs.get("num_heads") == attrs.get("kv_num_heads"):
+                candidates = [source.input[2]]
+        inv = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32).reshape(-1)
+        for name in candidates:
+            found = _column_range(model, name, producer, readers)
+            if found is None or found[2] != inv.size:
+                continue
+            matmul, start, width = found
+            scales_t = inits[matmul.input[2]]
+            scales = numpy_helper.to_array(scales_t).astype(np.float32)
+            n = next(a.i for a in matmul.attribute if a.name == "N")
+            view = scales.reshape(n, -1)
+            view[start:start + width] *= inv[:, None]
+            scales_t.CopyFrom(numpy_helper.from_array(view.reshape(scales.shape), scales_t.name))
+            if len(matmul.input) > 5 and matmul.input[5]:  # bias
+                bias_t = inits[matmul.input[5]]
+                bias = numpy_helper.to_array(bias_t).astype(np.float32).copy()
+                bias[start:start + width] *= inv
+                bias_t.CopyFrom(numpy_helper.from_array(bias, bias_t.name))
+            for node in model.graph.node:
+                for j, name_in in enumerate(node.input):
+                    if name_in == mul.output[0]:
+                        node.input[j] = x
+            removed.add(id(mul))
+            break
+    keep = [node for node in model.graph.node if id(node) not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(removed)
 
 
 def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: str = "int4",

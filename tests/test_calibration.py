@@ -163,6 +163,43 @@ def test_matmul_nbits_matches_numpy_dequant(bits, block, k):
         np.testing.assert_allclose(got, x @ qw.dequantize(), atol=1e-4, rtol=1e-4)
 
 
+def test_awq_scale_folds_into_producer_columns():
+    """down_proj reads silu(gate) * up: its AWQ input scale moves into the block scales of the up
+    columns of gate_up (no Mul left), and the graph still computes silu(gate) * up @ W2 exactly."""
+    from onnx import TensorProto, helper
+
+    from blip3v.calibration.graph import session, weight_nodes
+    from blip3v.calibration.weight_only import quantize_awq, quantize_rtn, to_matmul_nbits
+
+    rng = np.random.default_rng(0)
+    k, inter, n = 64, 96, 32
+    w1 = rng.normal(0, 0.05, (k, 2 * inter)).astype(np.float32)
+    w2 = rng.normal(0, 0.05, (inter, n)).astype(np.float32)
+    x = rng.normal(0, 1, (16, 5, k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["gu"], name="gate_up"),
+             helper.make_node("Split", ["gu"], ["gate", "up"], name="split", axis=2, num_outputs=2),
+             helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+             helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+             helper.make_node("Mul", ["silu", "up"], ["h"], name="product"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, n])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    targets = {t.name: t for t in weight_nodes(model, ("MatMul",))}
+    q1 = quantize_rtn(w1, 4, 32)
+    gate, up = np.split(x @ q1.dequantize(), 2, axis=-1)
+    h = gate / (1 + np.exp(-gate)) * up
+    skewed = (h.reshape(-1, inter) * np.linspace(0.1, 8, inter)).astype(np.float32)  # uneven channels: alpha > 0
+    q2 = quantize_awq(w2, skewed, 4, 32)
+    assert q2.in_scale is not None
+    qmodel, counts = to_matmul_nbits(model, {"gate_up": (targets["gate_up"], q1), "down": (targets["down"], q2)})
+    assert counts["folded_into_matmul"] == 1 and counts["mul_nodes"] == 0
+    assert [nd.op_type for nd in qmodel.graph.node].count("Mul") == 2  # silu and the product only
+    got = session(qmodel).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, h @ q2.dequantize(), atol=1e-4, rtol=1e-4)
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64) - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -188,6 +225,11 @@ def test_decoder_weights_logits_within_bound(engine, calib, synth_dir, scheme, b
         if node.op_type == "Mul" and node.name.endswith("_awq") and readers[node.input[0]] == 1:
             assert "LayerNormalization" not in producer[node.input[0]].op_type, node.name
     assert report["folded"] > 0
+    # o_proj reads GroupQueryAttention's output and down_proj silu(gate) * up: their scales go into
+    # the V columns of qkv and the up columns of gate_up (the demo has a KV head per query head).
+    for node in qdec.graph.node:
+        if node.op_type == "Mul" and node.name.endswith("_awq"):
+            assert producer[node.input[0]].op_type not in ("GroupQueryAttention", "Mul"), node.name
     held_out = CalibrationSet.from_folder(synth_dir, backend.num_frames, backend.image_size, samples=6, seed=1)
     ref_sess, q_sess = session(dec), session(qdec)
     for feed in decoder_feeds(backend, held_out):

@@ -255,7 +255,7 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
     return out, counts
 
 
-# The decoder's activations are (B, S, N): a Slice or Split on axis 2 (or -1) picks output columns.
+# The decoder's activations are (B, S, N): a Split on axis 2 (or -1) picks output columns.
 _LAST_AXIS = (2, -1)
 
 
@@ -266,24 +266,16 @@ def _ints(model: onnx.ModelProto, name: str) -> list[int] | None:
 
 def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.NodeProto],
                   readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
-    """(MatMulNBits, first column, width) when `name` is a last-axis Slice or Split of that
+    """(MatMulNBits, first column, width) when `name` is an output of a last-axis Split of that
     MatMulNBits' output and is read by one node only; else None."""
     node = producer.get(name)
-    if node is None or readers.get(name, 0) != 1 or node.op_type not in ("Slice", "Split"):
+    if node is None or readers.get(name, 0) != 1 or node.op_type != "Split":
         return None
     source = producer.get(node.input[0])
     if source is None or source.op_type != "MatMulNBits":
         return None
     n = next(a.i for a in source.attribute if a.name == "N")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Slice":
-        starts, ends = _ints(model, node.input[1]), _ints(model, node.input[2])
-        axes = _ints(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        steps = _ints(model, node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
-        if not starts or not ends or len(starts) != 1 or axes is None or axes[0] not in _LAST_AXIS or steps != [1]:
-            return None
-        start, end = (min(max(v + n if v < 0 else v, 0), n) for v in (starts[0], ends[0]))
-        return (source, start, end - start) if end > start else None
     if attrs.get("axis", 0) not in _LAST_AXIS:
         return None
     sizes = _ints(model, node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("split")
@@ -292,6 +284,24 @@ def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.No
         sizes = [-(-n // parts)] * (parts - 1) + [n - (parts - 1) * -(-n // parts)]  # ONNX Split's uneven rule
     i = list(node.output).index(name)
     return source, int(sum(sizes[:i])), int(sizes[i])
+
+
+def _gqa_value_columns(gqa: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                       readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
+    """(MatMulNBits, first column, width) of V when a GroupQueryAttention reads packed qkv
+    (B, S, (H + 2 Hkv) dh) straight from one MatMulNBits that nothing else reads; V, the last
+    Hkv * dh columns, is not rotated."""
+    packed = len(gqa.input) < 3 or not (gqa.input[1] or gqa.input[2])
+    source = producer.get(gqa.input[0])
+    if not packed or source is None or source.op_type != "MatMulNBits" or readers.get(gqa.input[0], 0) != 1:
+        return None
+    attrs = {a.name: a.i for a in gqa.attribute if a.type == onnx.AttributeProto.INT}
+    n = next(a.i for a in source.attribute if a.name == "N")
+    heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
+    if n % (heads + 2 * kv_heads):
+        return None
+    width = kv_heads * (n // (heads + 2 * kv_heads))
+    return source, n - width, width
 
 
 def _fold_muls_into_producers(model: onnx.ModelProto) -> int:
@@ -316,16 +326,15 @@ def _fold_muls_into_producers(model: onnx.ModelProto) -> int:
         source = producer.get(x)
         if source is None or readers.get(x, 0) != 1 or len(mul.output) != 1:
             continue
-        candidates: list[str] = []
+        inv = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32).reshape(-1)
+        candidates: list[tuple[onnx.NodeProto, int, int] | None] = []
         if source.op_type == "Mul":
-            candidates = list(source.input)
-        elif source.op_type == "GroupQueryAttention" and source.output[0] == x and len(source.input) > 2:
+            candidates = [_column_range(model, name, producer, readers) for name in source.input]
+        elif source.op_type == "GroupQueryAttention" and source.output[0] == x:
             attrs = {a.name: a.i for a in source.attribute if a.type == onnx.AttributeProto.INT}
             if attrs.get("num_heads") == attrs.get("kv_num_heads"):
-                candidates = [source.input[2]]
-        inv = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32).reshape(-1)
-        for name in candidates:
-            found = _column_range(model, name, producer, readers)
+                candidates = [_gqa_value_columns(source, producer, readers)]
+        for found in candidates:
             if found is None or found[2] != inv.size:
                 continue
             matmul, start, width = found

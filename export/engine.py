@@ -449,7 +449,7 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
         trt_report = check_engine_dir(tmp)
         if attention == "gqa" and not trt_report.ok:
             log("      TensorRT: not this engine (its decoder uses ONNX Runtime's fused kernels: "
-                "GroupQueryAttention, RotaryEmbedding, SimplifiedLayerNormalization); export with "
+                "GroupQueryAttention, SimplifiedLayerNormalization, ...); export with "
                 "--attention standard for TensorRT")
         else:
             log("      " + trt_report.summary())

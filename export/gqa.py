@@ -8,14 +8,28 @@ other consumers (TensorRT) are exported with `attention="standard"`.
 
 ORT limits that the runtime respects (see blip3v.runtime.ort_backend): a call with S > 1 new
 tokens after a non-empty cache needs batch 1 ("chunked prefill"), so prompts are prefilled from an
-empty cache in one call; rotary embedding is applied outside the op (`do_rotary` 0), from the
-runtime's position ids, exactly as the reference does.
+empty cache in one call.
+
+Where ORT allows it (head_dim a multiple of 16: its rotary kernel's constraint) the op takes the
+packed qkv projection and applies rotary embedding itself (`do_rotary` 1). A layer then has no
+Split of qkv and no separate RotaryEmbedding nodes: 3 fewer kernels a layer, which is what a
+batch-1 decode step pays for. Its positions are the cache slots, not the runtime's position ids:
+ORT 1.32's CPU kernel reads `position_ids` on decode steps but not on the first prompt of a
+batch (measured: a left-padded row's prompt keys come out rotated at its slots), so passing them
+would rotate a padded row's prompt and its later tokens inconsistently. Slots are consistent, and
+RoPE makes attention depend only on the distance between two positions, which is the same
+counted in slots or in real tokens of a left-padded row: the logits match the reference, which
+uses real-token positions, within float rounding (tests/test_export.py, left-padded batches).
+Other head sizes get q, k, v split and rotated by `RotaryEmbedding` (export/ort_ops.py) at the
+runtime's positions first.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from blip3v.export.ort_ops import apply_rotary
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, allowed: Tensor,
@@ -41,18 +55,30 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Te
 
 
 @torch.library.custom_op("blip3v::group_query_attention", mutates_args=())
-def group_query_attention(query: Tensor, key: Tensor, value: Tensor, past_key: Tensor, past_value: Tensor,
-                          seqlens_k: Tensor, total_sequence_length: Tensor, attention_bias: Tensor,
-                          num_heads: int, kv_num_heads: int, scale: float,
+def group_query_attention(query: Tensor, key: Tensor | None, value: Tensor | None, past_key: Tensor,
+                          past_value: Tensor, seqlens_k: Tensor, total_sequence_length: Tensor,
+                          cos_cache: Tensor | None, sin_cache: Tensor | None, position_ids: Tensor | None,
+                          attention_bias: Tensor, num_heads: int, kv_num_heads: int, scale: float,
                           local_window_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupQueryAttention's signature (query/key/value (B, S, heads*dh), BNSH caches, additive bias
-    (B, 1, S, L) for padding; causal and the local window are the op's own)."""
+    """GroupQueryAttention's signature. Either query/key/value (B, S, heads*dh) already rotated, or
+    packed qkv (B, S, (H + 2 Hkv) dh) in `query` with key/value None and the op's own rotary
+    embedding (do_rotary: rotate-half of q and k from the (P, dh/2) cos/sin tables at the cache
+    slot of each token; `position_ids` is left out, see the module docstring). BNSH caches,
+    additive bias (B, 1, S, L) for padding; causal and the local window are the op's own."""
     b, s, _ = query.shape
     dh = past_key.shape[-1]
     total = attention_bias.shape[-1]
-    q = query.view(b, s, num_heads, dh).transpose(1, 2)  # (B, H, S, dh)
-    k = key.view(b, s, kv_num_heads, dh).transpose(1, 2)  # (B, Hkv, S, dh)
-    v = value.view(b, s, kv_num_heads, dh).transpose(1, 2)
+    if key is None or value is None:
+        q_size, kv_size = num_heads * dh, kv_num_heads * dh
+        query, key, value = query[..., :q_size], query[..., q_size:q_size + kv_size], query[..., q_size + kv_size:]
+        if cos_cache is not None and sin_cache is not None:
+            # ORT's positions: the cache slots (the first prompt 0..S-1, a later call from seqlens_k)
+            slots = (torch.arange(s, device=query.device) + (total - s)).expand(b, s)  # (B, S)
+            query = apply_rotary(query, slots, cos_cache, sin_cache, num_heads)
+            key = apply_rotary(key, slots, cos_cache, sin_cache, kv_num_heads)
+    q = query.reshape(b, s, num_heads, dh).transpose(1, 2)  # (B, H, S, dh)
+    k = key.reshape(b, s, kv_num_heads, dh).transpose(1, 2)  # (B, Hkv, S, dh)
+    v = value.reshape(b, s, kv_num_heads, dh).transpose(1, 2)
     q_slot = torch.arange(s, device=query.device) + (total - s)
     k_slot = torch.arange(total, device=query.device)
     allowed = k_slot[None, :] <= q_slot[:, None]  # (S, L)
@@ -64,9 +90,11 @@ def group_query_attention(query: Tensor, key: Tensor, value: Tensor, past_key: T
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, attention_bias, num_heads,
-      kv_num_heads, scale, local_window_size):
-    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+      position_ids, attention_bias, num_heads, kv_num_heads, scale, local_window_size):
+    b, s, _ = query.shape
+    return (query.new_empty((b, s, num_heads * past_key.shape[-1])), torch.empty_like(past_key),
+            torch.empty_like(past_value))
 
 
 def _gqa_op():
@@ -91,7 +119,8 @@ def _gqa_op():
                           ("P", ["tensor(int64)"], "")],
         attributes=[OpSchema.Attribute(n, t, "") for n, t in (
             ("num_heads", OpSchema.AttrType.INT), ("kv_num_heads", OpSchema.AttrType.INT),
-            ("scale", OpSchema.AttrType.FLOAT), ("local_window_size", OpSchema.AttrType.INT))],
+            ("scale", OpSchema.AttrType.FLOAT), ("local_window_size", OpSchema.AttrType.INT),
+            ("do_rotary", OpSchema.AttrType.INT), ("rotary_interleaved", OpSchema.AttrType.INT))],
     )
     return Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
 
@@ -100,10 +129,12 @@ def translation_table() -> dict:
     """For torch.onnx.export(custom_translation_table=...)."""
     op = _gqa_op()
 
-    def to_onnx(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, attention_bias,
-                num_heads: int, kv_num_heads: int, scale: float, local_window_size: int):
-        return op(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, None, None, None,
-                  attention_bias, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
-                  local_window_size=local_window_size)
+    def to_onnx(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                position_ids, attention_bias, num_heads: int, kv_num_heads: int, scale: float,
+                local_window_size: int):
+        rotary = int(key is None and cos_cache is not None)
+        return op(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                  position_ids, attention_bias, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
+                  local_window_size=local_window_size, do_rotary=rotary, rotary_interleaved=0)
 
     return {torch.ops.blip3v.group_query_attention.default: to_onnx}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from blip3v.export.gqa import cached_attention, group_query_attention
-from blip3v.export.ort_ops import rms_norm, rotate_half, rotary_embedding, skip_rms_norm
+from blip3v.export.ort_ops import rms_norm, rotary_embedding, rotate_half, skip_rms_norm
 from blip3v.model.xgenmm import XGenMMVideoModel
 
 
@@ -87,7 +87,7 @@ class DecoderGraph(nn.Module):
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scaling = float(rotary.attention_scaling)
         self.epsilon = float(conf.rms_norm_eps)
-        if attention == "gqa":  # RotaryEmbedding's tables: every position the model's context allows
+        if attention == "gqa":  # GroupQueryAttention's rotary tables: every position the context allows
             angles = torch.arange(int(conf.max_position_embeddings)).float()[:, None] * self.inv_freq  # (P, dh/2)
             self.register_buffer("cos_cache", angles.cos() * self.rope_scaling, persistent=False)
             self.register_buffer("sin_cache", angles.sin() * self.rope_scaling, persistent=False)
@@ -146,24 +146,27 @@ class DecoderGraph(nn.Module):
         return (self.lm_head(last), *presents)  # logits (B, V+3)
 
     def _fused_layers(self, inputs_embeds, position_ids, past, bias, seqlens_k, total_len, window):
-        """The "gqa" body: per layer norm -> qkv -> RoPE(q), RoPE(k) -> GQA -> o_proj -> add + norm
-        -> MLP, where each residual add rides in the next SkipSimplifiedLayerNormalization."""
-        b, s, _ = inputs_embeds.shape
+        """The "gqa" body: per layer norm -> qkv -> GQA (RoPE inside, or before it for head sizes
+        ORT's rotary does not take) -> o_proj -> add + norm -> MLP, where each residual add rides in
+        the next SkipSimplifiedLayerNormalization."""
         dtype = inputs_embeds.dtype
         cos, sin = self.cos_cache.to(dtype), self.sin_cache.to(dtype)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
         hidden = inputs_embeds  # the residual stream
         normed = rms_norm(hidden, self.layers[0].input_layernorm.weight, self.epsilon)
         presents: list[torch.Tensor] = []
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv = attn.qkv_proj(normed)  # (B, S, (H + 2 Hkv) dh)
-            q = rotary_embedding(qkv[..., :q_size], position_ids, cos, sin, self.num_heads)
-            k = rotary_embedding(qkv[..., q_size:q_size + kv_size], position_ids, cos, sin, self.num_kv_heads)
+            if self.head_dim % 16 == 0:  # packed, RoPE inside the op (ORT's rotary: head_dim % 16 == 0)
+                q, k, v, tables = qkv, None, None, (cos, sin, None)  # slot positions: export/gqa.py
+            else:
+                q = rotary_embedding(qkv[..., :q_size], position_ids, cos, sin, self.num_heads)
+                k = rotary_embedding(qkv[..., q_size:q_size + kv_size], position_ids, cos, sin, self.num_kv_heads)
+                v, tables = qkv[..., q_size + kv_size:], (None, None, None)
             out, k_cache, v_cache = group_query_attention(
-                q, k, qkv[..., q_size + kv_size:], past[2 * i], past[2 * i + 1], seqlens_k, total_len, bias,
-                self.num_heads, self.num_kv_heads, float(attn.scaling), window)  # out (B, S, H*dh)
+                q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total_len, *tables, bias, self.num_heads,
+                self.num_kv_heads, float(attn.scaling), window)  # out (B, S, H*dh)
             presents += [k_cache, v_cache]
             normed, hidden = skip_rms_norm(attn.o_proj(out), hidden, layer.post_attention_layernorm.weight,
                                            self.epsilon)

@@ -7,9 +7,10 @@ nodes (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul) and rotate-half RoPE about a
 ONNX Runtime 1.32's graph optimizer fuses none of them (the exporter writes rsqrt as
 Sqrt + Reciprocal, which its SimplifiedLayerNormFusion does not match). Written as
 `SimplifiedLayerNormalization`, `com.microsoft.SkipSimplifiedLayerNormalization` (the residual add
-folded into the next norm) and `com.microsoft.RotaryEmbedding`, a Phi-3 layer is about 13 nodes
-after ORT's own optimizer instead of about 50. Rotary keeps explicit `position_ids`, so left-padded
-batches stay exact.
+folded into the next norm) and rotary inside GroupQueryAttention (or `com.microsoft.RotaryEmbedding`
+where GQA's rotary does not take the head size), a Phi-3 layer is about 10 nodes after ORT's own
+optimizer instead of about 50. Rotary keeps explicit `position_ids`, so left-padded batches stay
+exact.
 
 In PyTorch each op runs the reference math (transformers' Phi3RMSNorm: float32 statistics, weight
 applied in the input dtype; rotate-half RoPE from a cos/sin table indexed by position), so the
@@ -57,10 +58,9 @@ def _(x, skip, weight, epsilon):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("blip3v::rotary_embedding", mutates_args=())
-def rotary_embedding(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cache: Tensor,
-                     num_heads: int) -> Tensor:
-    """x (B, S, H*dh), position_ids (B, S) int64, caches (P, dh/2) -> rotate-half RoPE of every head."""
+def apply_rotary(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cache: Tensor, num_heads: int) -> Tensor:
+    """x (B, S, H*dh), position_ids (B, S) int64, caches (P, dh/2) -> rotate-half RoPE of every head
+    (also what GroupQueryAttention's `do_rotary` computes from the same tables: export/gqa.py)."""
     b, s, _ = x.shape
     cos = cos_cache[position_ids]  # (B, S, dh/2)
     sin = sin_cache[position_ids]
@@ -68,6 +68,14 @@ def rotary_embedding(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cac
     sin = torch.cat([sin, sin], dim=-1)[:, :, None]
     heads = x.view(b, s, num_heads, -1)  # (B, S, H, dh)
     return (heads * cos + rotate_half(heads) * sin).reshape(b, s, -1)
+
+
+@torch.library.custom_op("blip3v::rotary_embedding", mutates_args=())
+def rotary_embedding(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cache: Tensor,
+                     num_heads: int) -> Tensor:
+    """`apply_rotary` as com.microsoft.RotaryEmbedding: for head sizes GroupQueryAttention's own
+    rotary does not take (export/gqa.py)."""
+    return apply_rotary(x, position_ids, cos_cache, sin_cache, num_heads)
 
 
 @rotary_embedding.register_fake

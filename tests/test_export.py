@@ -211,6 +211,35 @@ def test_sliding_window_decoder_matches_transformers(attention, tmp_path):
     assert ("GroupQueryAttention" in ops) == (attention == "gqa")
 
 
+@pytest.mark.parametrize("text_width, packed", [(128, True), (96, False)])
+def test_gqa_rotary_inside_or_before_the_op(text_width, packed, tmp_path):
+    """head_dim 32 (a multiple of 16): GroupQueryAttention reads the packed qkv and rotates q and k
+    itself (at cache slots); head_dim 24: q, k, v are split and rotated by RotaryEmbedding first (at
+    the runtime's positions). Both against the reference over a left-padded batch and cached steps."""
+    from blip3v.model.config import _small, _tiny_temporal
+
+    torch.manual_seed(4)
+    model = XGenMMVideoModel(_small(_tiny_temporal("tl"), text_width=text_width)).eval()
+    path = tmp_path / "decoder.onnx"
+    engine.export_decoder(model, path, engine.DEFAULT_OPSET, attention="gqa")
+    conf = model.vlm.lang_model.config
+    head_dim = conf.hidden_size // conf.num_attention_heads
+    assert (head_dim % 16 == 0) == packed
+    golden = engine.decoder_golden(model, steps=4, prompt=9, pad=5)
+    diff = engine.check_decoder(path, golden, "fp32", np.dtype("float32"), conf.num_key_value_heads, head_dim,
+                                conf.num_hidden_layers)
+    assert diff <= FP32_TOL
+    graph = onnx.load(str(path)).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == conf.num_hidden_layers
+    for node in gqa:
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        assert attrs["do_rotary"] == int(packed)
+        assert bool(node.input[1]) != packed  # packed: no separate key/value inputs
+    rotary = sum(n.op_type == "RotaryEmbedding" for n in graph.node)
+    assert rotary == (0 if packed else 2 * conf.num_hidden_layers)
+
+
 def test_fp16_decoder_within_its_stated_tolerance(tmp_path):
     """fp16 graphs are checked against the float32 reference with TOLERANCE["fp16"] relative to scale."""
     model = tiny("mean", seed=1)
@@ -235,7 +264,7 @@ def test_decoder_graph_has_no_control_flow(exported):
     # the six-node norm and dozen-node rotate-half the exporter writes from the modules
     layers = sum(node.op_type == "GroupQueryAttention" for node in graph.node)
     count = Counter(node.op_type for node in graph.node)
-    assert count["RotaryEmbedding"] == 2 * layers
+    assert count["RotaryEmbedding"] == 2 * layers  # head_dim 24: ORT's GQA rotary wants a multiple of 16
     assert count["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
     assert count["SimplifiedLayerNormalization"] == 2  # the first layer's input norm and the final norm
     assert not ops & {"Pow", "Sqrt", "Reciprocal", "Neg", "Cos", "Sin"}

@@ -70,7 +70,7 @@ QUESTIONS = {
 
 # Geometry in pixels of a 128 canvas, scaled with `size`.
 _REF_SIZE = 128
-_SHAPE_SIZE = (22.0, 30.0)  # bounding-box side of a shape
+_SHAPE_SIZE = (34.0, 42.0)  # bounding-box side of a shape: at the demo's 64 px input, 17-21 px (2-3 patches)
 _TRAVEL = (40.0, 60.0)  # distance a moving shape covers between the first and last sampled frame
 _MARGIN = 2.0  # free pixels between a shape and the canvas edge
 _GAP = 4.0  # free pixels between two shapes, so blobs never touch

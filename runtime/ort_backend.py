@@ -28,9 +28,9 @@ import numpy as np
 import onnxruntime as ort
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.host import EngineHost
 from blip3v.runtime.manifest import Manifest, load_manifest
-from blip3v.runtime.tokenizer import PromptTokenizer
 
 # --device -> execution providers, most preferred first (ORT falls back along the list per node).
 PROVIDERS = {
@@ -92,47 +92,20 @@ def _open_session(path: Path, providers: list[str], options_by_provider: dict[st
         raise EngineError(f"{path}: onnxruntime cannot load it ({first[:300]})") from None
 
 
-class OrtBackend(AskMixin):
+class OrtBackend(EngineHost):
     """Engine directory -> answers on ONNX Runtime. Same methods as `TorchBackend`."""
 
     def __init__(self, manifest: Manifest, device: str = "cpu"):
-        self.manifest = manifest
+        self._read_manifest(manifest)
         self.device = device
         providers = providers_for(device)
-        model = manifest.model
-        self.num_frames = int(model["num_frames"])
-        self.image_size = int(model["image_size"])
-        self.image_mean = tuple(model["image_mean"])
-        self.image_std = tuple(model["image_std"])
-        self.num_video_tokens = int(model["num_video_tokens"])
-        self.max_context = int(model["max_context"])
-        self.num_layers = int(model["num_layers"])
-        self.kv_heads = int(model["num_key_value_heads"])
-        self.head_dim = int(model["head_dim"])
-        self.dtype = np.dtype(manifest["dtype"])
-        self.special_ids = {k: int(v) for k, v in manifest["special_token_ids"].items()}
-        self.stop_ids = tuple(int(i) for i in manifest["stop_token_ids"])
-        self.tokenizer = PromptTokenizer.from_manifest(manifest)
-
-        emb = manifest.raw["embeddings"]
-        try:
-            self.embeddings = np.load(manifest.path("embeddings"), mmap_mode="r")  # (V, D), rows by id
-        except (ValueError, OSError) as exc:
-            raise EngineError(f"{manifest.path('embeddings')}: not a readable .npy file ({exc})") from None
-        if self.embeddings.shape != (int(emb["rows"]), int(emb["dim"])):
-            raise EngineError(f"{manifest.path('embeddings')}: shape {self.embeddings.shape}, the manifest says "
-                              f"({emb['rows']}, {emb['dim']})")
+        self.max_context = int(manifest.model["max_context"])
+        self.num_layers = int(manifest.model["num_layers"])
+        self.dtype = self.embed_dtype = np.dtype(manifest["dtype"])
 
         trt = "TensorrtExecutionProvider"
         self.visual = _open_session(manifest.path("visual"), providers, {trt: tensorrt_profiles(manifest, "visual")})
         self.decoder = _open_session(manifest.path("decoder"), providers, {trt: tensorrt_profiles(manifest, "decoder")})
-        vis, dec = manifest["visual"], manifest["decoder"]
-        self.pixel_name = vis["inputs"]["pixel_values"]
-        self.video_name = vis["outputs"]["video_tokens"]
-        self.embeds_name = dec["inputs"]["inputs_embeds"]
-        self.mask_name = dec["inputs"]["attention_mask"]
-        self.position_name = dec["inputs"]["position_ids"]
-        self.logits_name = dec["outputs"]["logits"]
         self.past_names = [n for pair in zip(manifest.kv_names("past_key"), manifest.kv_names("past_value")) for n in pair]
         self.present_names = [n for pair in zip(manifest.kv_names("present_key"), manifest.kv_names("present_value"))
                               for n in pair]
@@ -150,55 +123,13 @@ class OrtBackend(AskMixin):
     def load(cls, engine_dir: str | Path, device: str = "cpu", verify_hashes: bool = True) -> OrtBackend:
         return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device)
 
-    # -- the pieces TorchBackend also has --------------------------------------------------
-    def load_video(self, path: str | Path) -> np.ndarray:
-        """(T, 3, S, S) float32 through the shared runtime video path."""
-        from blip3v.runtime.video import load_clip
-
-        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    # -- the visual path and the splice ----------------------------------------------------
+    # -- the visual path -------------------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, T, 3, S, S) -> video tokens (B, M, D)."""
         pixels = np.ascontiguousarray(pixel_values, dtype=self.dtype)
-        expected = (self.num_frames, 3, self.image_size, self.image_size)
-        if pixels.ndim != 5 or pixels.shape[1:] != expected:
-            raise InputError(f"pixel_values must be (B, {', '.join(map(str, expected))}), got {pixels.shape}")
+        self.check_pixels(pixels)
         return self.visual.run([self.video_name], {self.pixel_name: pixels})[0]
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids (...) -> rows of the merged table (..., D); ids >= additional_vocab_start are
-        already the xGen-MM extra rows there."""
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.embeddings)):
-            raise InputError(f"token id out of range 0..{len(self.embeddings) - 1}")
-        return np.asarray(self.embeddings[ids], dtype=self.dtype)
-
-    def splice(self, rows: list[list[int]], video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prompt ids per row + video tokens (B, M, D) -> left-padded embeddings (B, S, D) with each
-        row's single `<image>` replaced by its M tokens, and the mask (B, S)."""
-        image_id, pad_id = self.special_ids["image"], self.special_ids["pad"]
-        width = max(len(r) for r in rows)
-        m = video.shape[1]
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width - 1 + m), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r.count(image_id) != 1:
-                raise InputError(f"each prompt needs exactly one <image> token; found {r.count(image_id)}")
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        text = self.embed(ids)  # (B, S_text, D)
-        out = np.empty((len(rows), width - 1 + m, text.shape[-1]), dtype=self.dtype)
-        for i in range(len(rows)):
-            at = int(np.flatnonzero(ids[i] == image_id)[0])
-            out[i, :at] = text[i, :at]
-            out[i, at:at + m] = video[i]
-            out[i, at + m:] = text[i, at + 1:]
-        return out, mask
-
-    # -- generation -----------------------------------------------------------------------
     def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
                  on_token: Callable[[int, int], None] | None = None,
                  marks: list[float] | None = None) -> list[list[int]]:
@@ -268,25 +199,5 @@ class OrtBackend(AskMixin):
             used += 1
             step_pos += 1
             step_embeds[:, 0] = self.embeddings[tokens]  # argmax/sampled ids < num_logits <= table rows
-        return out
-
-    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
-                     on_token: Callable[[int, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[list[int]]:
-        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row."""
-        if len(questions) != len(pixel_values):
-            raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
-        t0 = time.perf_counter()
-        video = self.encode_video(pixel_values)  # (B, M, D)
-        t1 = time.perf_counter()
-        rows = [self.tokenizer.encode_prompt(q) for q in questions]
-        embeds, mask = self.splice(rows, video)
-        marks: list[float] = []
-        out = self.generate(embeds, mask, sampling, on_token=on_token, marks=marks)
-        t2 = time.perf_counter()
-        if timings is not None:
-            timings["visual"] = (t1 - t0) * 1e3
-            timings["prefill"] = ((marks[0] if marks else t2) - t1) * 1e3  # time to first token
-            timings["generate"] = (t2 - t1) * 1e3
         return out
 

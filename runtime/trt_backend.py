@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.host import EngineHost
 from blip3v.runtime.manifest import Manifest, load_manifest
-from blip3v.runtime.tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -185,11 +185,10 @@ class Buffer:
         self.cuda.free_host(self.host_ptr)
 
 
-class TrtBackend(AskMixin):
+class TrtBackend(EngineHost):
     """Engine directory (built by `blip3v build`) -> answers on TensorRT. Same methods as OrtBackend."""
 
     def __init__(self, manifest: Manifest):
-        self.manifest = manifest
         built = manifest.raw.get("tensorrt")
         if not isinstance(built, dict) or "plans" not in built:
             raise EngineError(f"{manifest.directory}: no TensorRT engines; run `blip3v build --engine "
@@ -204,37 +203,12 @@ class TrtBackend(AskMixin):
         if differs:
             raise EngineError(f"{manifest.directory}: the TensorRT engines were built elsewhere ({'; '.join(differs)}); "
                               f"rebuild here: blip3v build --engine {manifest.directory} --rebuild")
+        self._read_manifest(manifest)
         model = manifest.model
-        self.num_frames = int(model["num_frames"])
-        self.image_size = int(model["image_size"])
-        self.image_mean = tuple(model["image_mean"])
-        self.image_std = tuple(model["image_std"])
-        self.num_video_tokens = int(model["num_video_tokens"])
         self.num_logits = int(model["num_logits"])
         self.hidden = int(model["hidden_size"])
-        self.kv_heads = int(model["num_key_value_heads"])
-        self.head_dim = int(model["head_dim"])
         self.max_batch = int(built["max_batch"])
         self.max_context = int(built["max_context"])
-        self.special_ids = {k: int(v) for k, v in manifest["special_token_ids"].items()}
-        self.stop_ids = tuple(int(i) for i in manifest["stop_token_ids"])
-        self.tokenizer = PromptTokenizer.from_manifest(manifest)
-        emb = manifest.raw["embeddings"]
-        try:
-            self.embeddings = np.load(manifest.path("embeddings"), mmap_mode="r")  # (V, D), rows by id
-        except (ValueError, OSError) as exc:
-            raise EngineError(f"{manifest.path('embeddings')}: not a readable .npy file ({exc})") from None
-        if self.embeddings.shape != (int(emb["rows"]), int(emb["dim"])):
-            raise EngineError(f"{manifest.path('embeddings')}: shape {self.embeddings.shape}, the manifest says "
-                              f"({emb['rows']}, {emb['dim']})")
-
-        vis, dec = manifest["visual"], manifest["decoder"]
-        self.pixel_name = vis["inputs"]["pixel_values"]
-        self.video_name = vis["outputs"]["video_tokens"]
-        self.embeds_name = dec["inputs"]["inputs_embeds"]
-        self.mask_name = dec["inputs"]["attention_mask"]
-        self.position_name = dec["inputs"]["position_ids"]
-        self.logits_name = dec["outputs"]["logits"]
         self.past_names = manifest.kv_names("past_key") + manifest.kv_names("past_value")
         self.present_names = manifest.kv_names("present_key") + manifest.kv_names("present_value")
 
@@ -254,6 +228,7 @@ class TrtBackend(AskMixin):
         self.pixels = self._buffer((b, t, 3, s, s), self._dtype(self.visual, self.pixel_name))
         self.video = self._buffer((b, self.num_video_tokens, self.hidden), self._dtype(self.visual, self.video_name))
         self.embeds_buf = self._buffer((b, c, self.hidden), self._dtype(self.decoder, self.embeds_name))
+        self.embed_dtype = self.embeds_buf.dtype
         self.mask_buf = self._buffer((b, c), self._dtype(self.decoder, self.mask_name))
         self.pos_buf = self._buffer((b, c), self._dtype(self.decoder, self.position_name))
         self.logits_buf = self._buffer((b, self.num_logits), self._dtype(self.decoder, self.logits_name))
@@ -344,21 +319,9 @@ class TrtBackend(AskMixin):
             self.cuda.free(ptr)
         self.kv = []
 
-    # -- the pieces OrtBackend also has ---------------------------------------------------
-    def load_video(self, path: str | Path) -> np.ndarray:
-        """(T, 3, S, S) float32 through the shared runtime video path."""
-        from blip3v.runtime.video import load_clip
-
-        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, T, 3, S, S) -> video tokens (B, M, D), max_batch clips per engine call."""
-        expected = (self.num_frames, 3, self.image_size, self.image_size)
-        if pixel_values.ndim != 5 or pixel_values.shape[1:] != expected:
-            raise InputError(f"pixel_values must be (B, {', '.join(map(str, expected))}), got {pixel_values.shape}")
+        self.check_pixels(pixel_values)
         out = []
         for start in range(0, len(pixel_values), self.max_batch):
             chunk = pixel_values[start:start + self.max_batch]  # (b, T, 3, S, S)
@@ -374,33 +337,6 @@ class TrtBackend(AskMixin):
             self.cuda.synchronize(self.stream)
             out.append(self.video.host[:m].reshape(b, self.num_video_tokens, self.hidden).copy())  # (b, M, D)
         return np.concatenate(out)
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids (...) -> rows of the merged table (..., D)."""
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.embeddings)):
-            raise InputError(f"token id out of range 0..{len(self.embeddings) - 1}")
-        return np.asarray(self.embeddings[ids], dtype=self.embeds_buf.dtype)
-
-    def splice(self, rows: list[list[int]], video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prompt ids per row + video tokens (B, M, D) -> left-padded embeddings (B, S, D), mask (B, S)."""
-        image_id, pad_id = self.special_ids["image"], self.special_ids["pad"]
-        width = max(len(r) for r in rows)
-        m = video.shape[1]
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width - 1 + m), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r.count(image_id) != 1:
-                raise InputError(f"each prompt needs exactly one <image> token; found {r.count(image_id)}")
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        text = self.embed(ids)  # (B, S_text, D)
-        out = np.empty((len(rows), width - 1 + m, text.shape[-1]), dtype=text.dtype)
-        for i in range(len(rows)):
-            at = int(np.flatnonzero(ids[i] == image_id)[0])
-            out[i, :at] = text[i, :at]
-            out[i, at:at + m] = video[i]
-            out[i, at + m:] = text[i, at + 1:]
-        return out, mask
 
     # -- one decoder call -----------------------------------------------------------------
     def _enqueue(self, ctx: trt.IExecutionContext, embeds_bytes: int, mask_bytes: int, pos_bytes: int,
@@ -486,32 +422,3 @@ class TrtBackend(AskMixin):
             step_pos = step_pos[:, -1:] + 1  # (B, 1)
             step_embeds = self.embed(tokens.reshape(batch, 1))  # (B, 1, D)
         return out
-
-    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
-                     on_token: Callable[[int, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[list[int]]:
-        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row, max_batch rows per run."""
-        if len(questions) != len(pixel_values):
-            raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
-        t0 = time.perf_counter()
-        video = self.encode_video(pixel_values)  # (B, M, D)
-        t1 = time.perf_counter()
-        out: list[list[int]] = []
-        marks: list[float] = []
-        for start in range(0, len(questions), self.max_batch):
-            rows = [self.tokenizer.encode_prompt(q) for q in questions[start:start + self.max_batch]]
-            embeds, mask = self.splice(rows, video[start:start + self.max_batch])
-            shift = start
-
-            def report(row: int, tok: int, shift: int = shift) -> None:
-                if on_token is not None:
-                    on_token(row + shift, tok)
-
-            out += self.generate(embeds, mask, sampling, on_token=report, marks=marks)
-        t2 = time.perf_counter()
-        if timings is not None:
-            timings["visual"] = (t1 - t0) * 1e3
-            timings["prefill"] = ((marks[0] if marks else t2) - t1) * 1e3  # time to first token
-            timings["generate"] = (t2 - t1) * 1e3
-        return out
-

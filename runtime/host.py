@@ -1,0 +1,143 @@
+"""The host side every engine backend shares, read from the manifest alone: clip loading, the prompt
+tokenizer, the embedding table, the splice of video tokens into the prompt, and `answer_batch`
+around a backend's own `encode_video` and `generate`.
+
+OrtBackend and TrtBackend differ only in where the graphs run and how the KV cache is held; what
+happens on the host before the first decoder call and after the last is this class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from blip3v.errors import EngineError, InputError
+from blip3v.runtime.generation import AskMixin, SamplingConfig
+from blip3v.runtime.manifest import Manifest
+from blip3v.runtime.tokenizer import PromptTokenizer
+
+
+def _shifted(on_token: Callable[[int, int], None], shift: int) -> Callable[[int, int], None]:
+    """on_token for a later chunk of rows: its row 0 is row `shift` of the whole batch."""
+    return lambda row, tok: on_token(row + shift, tok)
+
+
+class EngineHost(AskMixin):
+    """Host-side state and steps of an engine backend. Subclasses call `_read_manifest` first, set
+    `embed_dtype` (the decoder's inputs_embeds dtype) and implement `encode_video` and `generate`."""
+
+    embed_dtype: np.dtype
+    max_batch: int | None = None  # rows per `generate` call; None: every row at once
+
+    def _read_manifest(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        model = manifest.model
+        self.num_frames = int(model["num_frames"])
+        self.image_size = int(model["image_size"])
+        self.image_mean = tuple(model["image_mean"])
+        self.image_std = tuple(model["image_std"])
+        self.num_video_tokens = int(model["num_video_tokens"])
+        self.kv_heads = int(model["num_key_value_heads"])
+        self.head_dim = int(model["head_dim"])
+        self.special_ids = {k: int(v) for k, v in manifest["special_token_ids"].items()}
+        self.stop_ids = tuple(int(i) for i in manifest["stop_token_ids"])
+        self.tokenizer = PromptTokenizer.from_manifest(manifest)
+
+        emb = manifest.raw["embeddings"]
+        try:
+            self.embeddings = np.load(manifest.path("embeddings"), mmap_mode="r")  # (V, D), rows by id
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"{manifest.path('embeddings')}: not a readable .npy file ({exc})") from None
+        if self.embeddings.shape != (int(emb["rows"]), int(emb["dim"])):
+            raise EngineError(f"{manifest.path('embeddings')}: shape {self.embeddings.shape}, the manifest says "
+                              f"({emb['rows']}, {emb['dim']})")
+
+        vis, dec = manifest["visual"], manifest["decoder"]
+        self.pixel_name = vis["inputs"]["pixel_values"]
+        self.video_name = vis["outputs"]["video_tokens"]
+        self.embeds_name = dec["inputs"]["inputs_embeds"]
+        self.mask_name = dec["inputs"]["attention_mask"]
+        self.position_name = dec["inputs"]["position_ids"]
+        self.logits_name = dec["outputs"]["logits"]
+
+    # -- the pieces TorchBackend also has --------------------------------------------------
+    def load_video(self, path: str | Path) -> np.ndarray:
+        """(T, 3, S, S) float32 through the shared runtime video path."""
+        from blip3v.runtime.video import load_clip
+
+        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def check_pixels(self, pixel_values: np.ndarray) -> None:
+        expected = (self.num_frames, 3, self.image_size, self.image_size)
+        if pixel_values.ndim != 5 or pixel_values.shape[1:] != expected:
+            raise InputError(f"pixel_values must be (B, {', '.join(map(str, expected))}), got {pixel_values.shape}")
+
+    # -- the prompt ------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (...) -> rows of the merged table (..., D); ids >= additional_vocab_start are
+        already the xGen-MM extra rows there."""
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.embeddings)):
+            raise InputError(f"token id out of range 0..{len(self.embeddings) - 1}")
+        return np.asarray(self.embeddings[ids], dtype=self.embed_dtype)
+
+    def splice(self, rows: list[list[int]], video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt ids per row + video tokens (B, M, D) -> left-padded embeddings (B, S, D) with each
+        row's single `<image>` replaced by its M tokens, and the mask (B, S)."""
+        image_id, pad_id = self.special_ids["image"], self.special_ids["pad"]
+        width = max(len(r) for r in rows)
+        m = video.shape[1]
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width - 1 + m), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r.count(image_id) != 1:
+                raise InputError(f"each prompt needs exactly one <image> token; found {r.count(image_id)}")
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        text = self.embed(ids)  # (B, S_text, D)
+        out = np.empty((len(rows), width - 1 + m, text.shape[-1]), dtype=text.dtype)
+        for i in range(len(rows)):
+            at = int(np.flatnonzero(ids[i] == image_id)[0])
+            out[i, :at] = text[i, :at]
+            out[i, at:at + m] = video[i]
+            out[i, at + m:] = text[i, at + 1:]
+        return out, mask
+
+    # -- what each backend runs ------------------------------------------------------------
+    def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
+                 on_token: Callable[[int, int], None] | None = None,
+                 marks: list[float] | None = None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
+                     on_token: Callable[[int, int], None] | None = None,
+                     timings: dict[str, float] | None = None) -> list[list[int]]:
+        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row, `max_batch`
+        rows per `generate` call."""
+        if len(questions) != len(pixel_values):
+            raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
+        t0 = time.perf_counter()
+        video = self.encode_video(pixel_values)  # (B, M, D)
+        t1 = time.perf_counter()
+        chunk = self.max_batch or max(1, len(questions))
+        out: list[list[int]] = []
+        marks: list[float] = []  # the time the first prefill's logits reached the host
+        for start in range(0, len(questions), chunk):
+            rows = [self.tokenizer.encode_prompt(q) for q in questions[start:start + chunk]]
+            embeds, mask = self.splice(rows, video[start:start + chunk])
+            report = on_token if on_token is None or not start else _shifted(on_token, start)
+            out += self.generate(embeds, mask, sampling, on_token=report, marks=marks)
+        t2 = time.perf_counter()
+        if timings is not None:
+            timings["visual"] = (t1 - t0) * 1e3
+            timings["prefill"] = ((marks[0] if marks else t2) - t1) * 1e3  # time to first token
+            timings["generate"] = (t2 - t1) * 1e3
+        return out

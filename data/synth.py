@@ -38,7 +38,7 @@ from blip3v.errors import InputError
 from blip3v.runtime.video import frame_indices
 
 # Bump when the same seed would render different clips or questions.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: shapes 34-42 px on the 128 canvas (were 22-30)
 
 CATEGORIES = ("colour", "shape", "count", "direction", "change", "order")
 TEMPORAL_CATEGORIES = ("direction", "change", "order")

@@ -141,6 +141,24 @@ def sharpen_resampler_attention(model: XGenMMVideoModel, gain: float = RESAMPLER
             attention.to_kv.weight.mul_(gain)
 
 
+POSITION_EMBED_GAIN = 4.0
+
+
+def amplify_position_embeddings(model: XGenMMVideoModel, gain: float = POSITION_EMBED_GAIN) -> None:
+    """From-scratch init only: scales the vision tower's position embeddings by `gain`.
+
+    The resampler pools each frame's patches by content, so where a shape is survives the pooling
+    only through the position embedding added to its patches. At the default init (std 1/sqrt(width))
+    that part is small beside the patch content, and the frames' latents lose the layout: a linear
+    probe reads a moving shape's direction from the first and last frame's patch features at 0.98,
+    from their resampler latents at 0.43 (chance 0.25; one-object `direction` clips, 600 clips,
+    70/30 split). At gain 4 the latents give 0.79 and the 16 video tokens 0.66 (0.41 at gain 1).
+    Training at gain 1 never recovered it: after 2,500 steps the latents probe at 0.28 and direction
+    answers sit at the prior. Released checkpoints overwrite these weights, so loading is unaffected."""
+    with torch.no_grad():
+        model.vlm.vision_encoder.embeddings.position_embedding.weight.mul_(gain)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -211,6 +229,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         kind, m = TASK_PRESETS[preset]
         model = XGenMMVideoModel(task_config(tokenizer, kind, m), attn_implementation="sdpa")
         sharpen_resampler_attention(model)
+        amplify_position_embeddings(model)
         state, start, elapsed, history = None, 0, 0.0, []
     model.train()
     cfg = model.config

@@ -111,7 +111,7 @@ def test_bench_decode_bad_lm(tmp_path):
     assert_one_line_error(run_cli("bench", "decode", "--backend", "tvm"), "tvm")
 
 
-@pytest.mark.parametrize("script", ["ablation.py", "shape_probe.py", "awq_first_tokens.py"])
+@pytest.mark.parametrize("script", ["ablation.py", "token_probe.py", "awq_first_tokens.py"])
 def test_study_scripts_explain_themselves(script):
     """The scripts behind RESULTS.md's study figures import and document their command line."""
     import subprocess

@@ -1,12 +1,13 @@
-"""Is shape information in a checkpoint's video tokens? A linear probe, for the demo diagnosis in
-RESULTS.md ("Where shape goes").
+"""Is a category's answer in a checkpoint's video tokens? A linear probe, for the demo diagnosis in
+RESULTS.md ("Where shape goes", "Where direction goes").
 
-    python benchmarks/shape_probe.py CHECKPOINT_DIR [--pool]
+    python benchmarks/token_probe.py CHECKPOINT_DIR [--category shape|direction] [--pool]
 
-Renders 1,200 `shape` clips (seed 3), keeps the video tokens of the frozen model, and fits a
-logistic regression (Adam, 300 steps, 70/30 split) on the standardised tokens: all 16 tokens
+Renders 1,200 clips of the category (seed 3), keeps the video tokens of the frozen model, and fits a
+logistic regression (Adam, 300 steps, 70/30 split) on the standardised tokens: all M tokens
 concatenated, or with --pool their mean and max (a position-free read-out, as attention gives).
-Prints the held-out accuracy on the one-object clips (chance 0.33) and on all clips.
+Prints the held-out accuracy on the one-object clips (shape: chance 0.33; direction: the moving
+shape alone, chance 0.25) and on all clips.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blip3v.runtime.video import frame_indices, preprocess
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
+    p.add_argument("--category", choices=("shape", "direction"), default="shape")
     p.add_argument("--pool", action="store_true", help="probe the tokens' mean and max instead of all tokens")
     p.add_argument("--clips", type=int, default=1200)
     args = p.parse_args()
@@ -31,12 +33,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_checkpoint(args.checkpoint).eval()
     rng = np.random.default_rng(3)
+    answers = synth.SHAPES if args.category == "shape" else synth.DIRECTIONS
     pixels, labels, objects = [], [], []
     for _ in range(args.clips):
-        ex = synth.sample_example(rng, categories=["shape"])
+        ex = synth.sample_example(rng, categories=[args.category])
         pixels.append(preprocess(ex.frames[frame_indices(len(ex.frames), model.config.num_frames)],
                                  model.config.image_size))
-        labels.append(synth.SHAPES.index(ex.answer))
+        labels.append(answers.index(ex.answer))
         objects.append(len(ex.scene["objects"]))
     x, y, k = torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.tensor(objects)
     with torch.no_grad():
@@ -46,8 +49,8 @@ def main() -> None:
     for name, keep in (("one-object clips", k == 1), ("all clips", torch.ones_like(k, dtype=torch.bool))):
         f, t = feats[keep], y[keep]
         train = int(len(f) * 0.7)
-        w = torch.zeros(f.shape[1], 3, requires_grad=True)
-        b = torch.zeros(3, requires_grad=True)
+        w = torch.zeros(f.shape[1], len(answers), requires_grad=True)
+        b = torch.zeros(len(answers), requires_grad=True)
         opt = torch.optim.Adam([w, b], lr=1e-2)
         for _ in range(300):
             loss = torch.nn.functional.cross_entropy(f[:train] @ w + b, t[:train]) + 1e-3 * (w ** 2).sum()

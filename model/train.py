@@ -159,6 +159,15 @@ def amplify_position_embeddings(model: XGenMMVideoModel, gain: float = POSITION_
         model.vlm.vision_encoder.embeddings.position_embedding.weight.mul_(gain)
 
 
+def init_task_model(preset: str, tokenizer=None) -> XGenMMVideoModel:
+    """A training preset's model at its from-scratch init (the seed is the caller's)."""
+    kind, m = TASK_PRESETS[preset]
+    model = XGenMMVideoModel(task_config(tokenizer or task_tokenizer(), kind, m), attn_implementation="sdpa")
+    sharpen_resampler_attention(model)
+    amplify_position_embeddings(model)
+    return model
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -226,10 +235,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         if out.exists() and any(out.iterdir()):
             raise InputError(f"{out} exists and holds no {STATE_NAME}; choose a new --out")
         tokenizer = task_tokenizer()
-        kind, m = TASK_PRESETS[preset]
-        model = XGenMMVideoModel(task_config(tokenizer, kind, m), attn_implementation="sdpa")
-        sharpen_resampler_attention(model)
-        amplify_position_embeddings(model)
+        model = init_task_model(preset, tokenizer)
         state, start, elapsed, history = None, 0, 0.0, []
     model.train()
     cfg = model.config

@@ -2,9 +2,10 @@
 RESULTS.md ("Where shape goes", "Where direction goes").
 
     python benchmarks/token_probe.py CHECKPOINT_DIR|init [--category shape|direction] [--pool]
-                                     [--stage tokens|latents|patches]
+                                     [--stage tokens|latents|patches] [--position-gain G]
 
-`init` probes a fresh demo model with `blip3v train`'s from-scratch init. --stage picks what is read:
+`init` probes a fresh demo model with `blip3v train`'s from-scratch init (`--position-gain` as
+`blip3v train --position-gain`). --stage picks what is read:
 the video tokens (default), or the first and last frame's resampler latents or vision-tower patch
 features (the two stages before the temporal encoder, where a frame's layout can still be seen).
 
@@ -46,11 +47,12 @@ def main() -> None:
     p.add_argument("--category", choices=("shape", "direction"), default="shape")
     p.add_argument("--pool", action="store_true", help="probe the tokens' mean and max instead of all tokens")
     p.add_argument("--stage", choices=("tokens", "latents", "patches"), default="tokens")
+    p.add_argument("--position-gain", type=float, default=1.0, help="with `init`: as blip3v train --position-gain")
     p.add_argument("--clips", type=int, default=1200)
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = (init_task_model("demo") if args.checkpoint == "init" else load_checkpoint(args.checkpoint)).eval()
+    model = (init_task_model("demo", position_gain=args.position_gain) if args.checkpoint == "init" else load_checkpoint(args.checkpoint)).eval()
     rng = np.random.default_rng(3)
     answers = synth.SHAPES if args.category == "shape" else synth.DIRECTIONS
     pixels, labels, objects = [], [], []

@@ -72,6 +72,7 @@ class TrainConfig:
     save_every: int = 500
     noise: float = 0.03  # gaussian pixel noise (normalised units): stands in for h264 artefacts
     questions: int = 4  # questions per generated clip: its own + up to 3 of synth.static_questions
+    position_gain: float = 1.0  # from-scratch init: vision position embeddings x this (amplify_position_embeddings)
 
 
 class SynthStream(IterableDataset):
@@ -141,10 +142,7 @@ def sharpen_resampler_attention(model: XGenMMVideoModel, gain: float = RESAMPLER
             attention.to_kv.weight.mul_(gain)
 
 
-POSITION_EMBED_GAIN = 4.0
-
-
-def amplify_position_embeddings(model: XGenMMVideoModel, gain: float = POSITION_EMBED_GAIN) -> None:
+def amplify_position_embeddings(model: XGenMMVideoModel, gain: float) -> None:
     """From-scratch init only: scales the vision tower's position embeddings by `gain`.
 
     The resampler pools each frame's patches by content, so where a shape is survives the pooling
@@ -153,18 +151,20 @@ def amplify_position_embeddings(model: XGenMMVideoModel, gain: float = POSITION_
     probe reads a moving shape's direction from the first and last frame's patch features at 0.98,
     from their resampler latents at 0.43 (chance 0.25; one-object `direction` clips, 600 clips,
     70/30 split). At gain 4 the latents give 0.79 and the 16 video tokens 0.66 (0.41 at gain 1).
-    Training at gain 1 never recovered it: after 2,500 steps the latents probe at 0.28 and direction
-    answers sit at the prior. Released checkpoints overwrite these weights, so loading is unaffected."""
+    Training at gain 1 never recovered it (latents 0.22 after 3,500 steps, direction answers at the
+    prior), but training at gain 4 lost it too (0.36 at step 750, tokens 0.26 at 1,500), so the
+    default stays 1, which the shipped demo used. Released checkpoints overwrite these weights."""
     with torch.no_grad():
         model.vlm.vision_encoder.embeddings.position_embedding.weight.mul_(gain)
 
 
-def init_task_model(preset: str, tokenizer=None) -> XGenMMVideoModel:
+def init_task_model(preset: str, tokenizer=None, position_gain: float = 1.0) -> XGenMMVideoModel:
     """A training preset's model at its from-scratch init (the seed is the caller's)."""
     kind, m = TASK_PRESETS[preset]
     model = XGenMMVideoModel(task_config(tokenizer or task_tokenizer(), kind, m), attn_implementation="sdpa")
     sharpen_resampler_attention(model)
-    amplify_position_embeddings(model)
+    if position_gain != 1.0:
+        amplify_position_embeddings(model, position_gain)
     return model
 
 
@@ -235,7 +235,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         if out.exists() and any(out.iterdir()):
             raise InputError(f"{out} exists and holds no {STATE_NAME}; choose a new --out")
         tokenizer = task_tokenizer()
-        model = init_task_model(preset, tokenizer)
+        model = init_task_model(preset, tokenizer, tc.position_gain)
         state, start, elapsed, history = None, 0, 0.0, []
     model.train()
     cfg = model.config

@@ -215,7 +215,7 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     backend.max_context = int(conf.max_position_embeddings)
     backend.kv_heads = int(conf.num_key_value_heads)
     backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
-    backend.dtype = embeddings.dtype
+    backend.dtype = backend.embed_dtype = embeddings.dtype
     backend.embeddings = embeddings
     backend.stop_ids = ()
     backend.embeds_name, backend.mask_name, backend.position_name = "inputs_embeds", "attention_mask", "position_ids"

@@ -22,7 +22,7 @@ from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens, record_timings
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +156,6 @@ class TorchBackend(AskMixin):
             out = self.fast.generate(embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
         else:
             out = generate(self.model, embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
-        t2 = time.perf_counter()
-        if timings is not None:
-            timings["visual"] = (t1 - t0) * 1e3
-            timings["prefill"] = ((first[0] if first else t2) - t1) * 1e3  # time to first token
-            timings["generate"] = (t2 - t1) * 1e3
+        record_timings(timings, t0, t1, first[0] if first else None, time.perf_counter())
         return out
 

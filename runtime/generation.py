@@ -104,6 +104,16 @@ class Answer:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def record_timings(timings: dict[str, float] | None, start: float, video_done: float, first_token: float | None,
+                   end: float) -> None:
+    """answer_batch's per-stage timings, ms, the same keys from every backend: visual, prefill (to the
+    first token), generate (prefill + decode)."""
+    if timings is not None:
+        timings["visual"] = (video_done - start) * 1e3
+        timings["prefill"] = ((first_token if first_token is not None else end) - video_done) * 1e3
+        timings["generate"] = (end - video_done) * 1e3
+
+
 class AskMixin:
     """`ask` on top of a backend's `load_video`, `answer_batch` and `decode`: one clip, one
     question, streamed text, and the same per-stage timings from every backend."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import AskMixin, SamplingConfig
+from blip3v.runtime.generation import AskMixin, SamplingConfig, record_timings
 from blip3v.runtime.manifest import Manifest
 from blip3v.runtime.tokenizer import PromptTokenizer
 
@@ -135,9 +135,5 @@ class EngineHost(AskMixin):
             embeds, mask = self.splice(rows, video[start:start + chunk])
             report = on_token if on_token is None or not start else _shifted(on_token, start)
             out += self.generate(embeds, mask, sampling, on_token=report, marks=marks)
-        t2 = time.perf_counter()
-        if timings is not None:
-            timings["visual"] = (t1 - t0) * 1e3
-            timings["prefill"] = ((marks[0] if marks else t2) - t1) * 1e3  # time to first token
-            timings["generate"] = (t2 - t1) * 1e3
+        record_timings(timings, t0, t1, marks[0] if marks else None, time.perf_counter())
         return out

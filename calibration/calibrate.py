@@ -260,7 +260,8 @@ def summary(report: dict[str, Any]) -> list[str]:
                      f"{', '.join(v['kept_float']) or 'none'}; video tokens cosine {err['cosine']:.5f} "
                      f"(min {err['cosine_min']:.5f})")
         worst = sorted(v["per_layer"], key=lambda p: p["cosine"])[:5]
-        lines.append("  most sensitive layers: " + ", ".join(f"{p['layer']} {p['cosine']:.4f}" for p in worst))
+        lines.append("  most sensitive layers (1 - cosine of the video tokens, that layer alone in INT8): "
+                     + ", ".join(f"{p['layer']} {1 - p['cosine']:.1e}" for p in worst))
     if "decoder" in report:
         d = report["decoder"]
         m = d["method"]

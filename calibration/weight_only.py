@@ -218,7 +218,6 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
     for node in out.graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    inits = initializers(out)
     counts = {"folded": 0, "mul_nodes": 0}
     nodes = []
     for node in out.graph.node:
@@ -259,13 +258,12 @@ def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNod
 _LAST_AXIS = (2, -1)
 
 
-def _ints(model: onnx.ModelProto, name: str) -> list[int] | None:
-    t = initializers(model).get(name)
-    return None if t is None else [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+def _int_attrs(node: onnx.NodeProto) -> dict[str, int]:
+    return {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
 
 
-def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.NodeProto],
-                  readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
+def _column_range(name: str, producer: dict[str, onnx.NodeProto], readers: dict[str, int],
+                  inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int, int] | None:
     """(MatMulNBits, first column, width) when `name` is an output of a last-axis Split of that
     MatMulNBits' output and is read by one node only; else None."""
     node = producer.get(name)
@@ -274,11 +272,13 @@ def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.No
     source = producer.get(node.input[0])
     if source is None or source.op_type != "MatMulNBits":
         return None
-    n = next(a.i for a in source.attribute if a.name == "N")
+    n = _int_attrs(source)["N"]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("axis", 0) not in _LAST_AXIS:
         return None
-    sizes = _ints(model, node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("split")
+    sizes_init = inits.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    sizes = ([int(v) for v in numpy_helper.to_array(sizes_init).reshape(-1)] if sizes_init is not None
+             else attrs.get("split"))
     if sizes is None:
         parts = len(node.output)
         sizes = [-(-n // parts)] * (parts - 1) + [n - (parts - 1) * -(-n // parts)]  # ONNX Split's uneven rule
@@ -288,17 +288,18 @@ def _column_range(model: onnx.ModelProto, name: str, producer: dict[str, onnx.No
 
 def _gqa_value_columns(gqa: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
                        readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
-    """(MatMulNBits, first column, width) of V when a GroupQueryAttention reads packed qkv
-    (B, S, (H + 2 Hkv) dh) straight from one MatMulNBits that nothing else reads; V, the last
-    Hkv * dh columns, is not rotated."""
+    """(MatMulNBits, first column, width) of V when a GroupQueryAttention with a KV head per query
+    head (so a channel of V is a channel of the output) reads packed qkv (B, S, (H + 2 Hkv) dh)
+    straight from one MatMulNBits that nothing else reads; V, the last Hkv * dh columns, is not
+    rotated."""
     packed = len(gqa.input) < 3 or not (gqa.input[1] or gqa.input[2])
     source = producer.get(gqa.input[0])
     if not packed or source is None or source.op_type != "MatMulNBits" or readers.get(gqa.input[0], 0) != 1:
         return None
-    attrs = {a.name: a.i for a in gqa.attribute if a.type == onnx.AttributeProto.INT}
-    n = next(a.i for a in source.attribute if a.name == "N")
+    attrs = _int_attrs(gqa)
+    n = _int_attrs(source)["N"]
     heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
-    if n % (heads + 2 * kv_heads):
+    if heads != kv_heads or n % (heads + 2 * kv_heads):
         return None
     width = kv_heads * (n // (heads + 2 * kv_heads))
     return source, n - width, width
@@ -329,19 +330,16 @@ def _fold_muls_into_producers(model: onnx.ModelProto) -> int:
         inv = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32).reshape(-1)
         candidates: list[tuple[onnx.NodeProto, int, int] | None] = []
         if source.op_type == "Mul":
-            candidates = [_column_range(model, name, producer, readers) for name in source.input]
+            candidates = [_column_range(name, producer, readers, inits) for name in source.input]
         elif source.op_type == "GroupQueryAttention" and source.output[0] == x:
-            attrs = {a.name: a.i for a in source.attribute if a.type == onnx.AttributeProto.INT}
-            if attrs.get("num_heads") == attrs.get("kv_num_heads"):
-                candidates = [_gqa_value_columns(source, producer, readers)]
+            candidates = [_gqa_value_columns(source, producer, readers)]
         for found in candidates:
             if found is None or found[2] != inv.size:
                 continue
             matmul, start, width = found
             scales_t = inits[matmul.input[2]]
             scales = numpy_helper.to_array(scales_t).astype(np.float32)
-            n = next(a.i for a in matmul.attribute if a.name == "N")
-            view = scales.reshape(n, -1)
+            view = scales.reshape(_int_attrs(matmul)["N"], -1)
             view[start:start + width] *= inv[:, None]
             scales_t.CopyFrom(numpy_helper.from_array(view.reshape(scales.shape), scales_t.name))
             if len(matmul.input) > 5 and matmul.input[5]:  # bias

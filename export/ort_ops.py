@@ -9,8 +9,9 @@ Sqrt + Reciprocal, which its SimplifiedLayerNormFusion does not match). Written 
 `SimplifiedLayerNormalization`, `com.microsoft.SkipSimplifiedLayerNormalization` (the residual add
 folded into the next norm) and rotary inside GroupQueryAttention (or `com.microsoft.RotaryEmbedding`
 where GQA's rotary does not take the head size), a Phi-3 layer is about 10 nodes after ORT's own
-optimizer instead of about 50. Rotary keeps explicit `position_ids`, so left-padded batches stay
-exact.
+optimizer instead of about 50. Left-padded batches stay exact either way: RotaryEmbedding reads the
+runtime's `position_ids`, GroupQueryAttention rotates at cache slots (export/gqa.py says why that is
+exact).
 
 In PyTorch each op runs the reference math (transformers' Phi3RMSNorm: float32 statistics, weight
 applied in the input dtype; rotate-half RoPE from a cos/sin table indexed by position), so the

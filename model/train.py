@@ -11,6 +11,7 @@ released layout, with `trainer_state.pt` beside them so a run resumes where it s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip3v.data import synth
 from blip3v.errors import InputError
@@ -73,6 +75,8 @@ class TrainConfig:
     noise: float = 0.03  # gaussian pixel noise (normalised units): stands in for h264 artefacts
     questions: int = 4  # questions per generated clip: its own + up to 3 of synth.static_questions
     position_gain: float = 1.0  # from-scratch init: vision position embeddings x this (amplify_position_embeddings)
+    categories: tuple[str, ...] | None = None  # generated clips' categories (None: all, uniform)
+    layout_loss: float = 0.0  # weight of the auxiliary layout loss on the resampler latents (LayoutHead)
 
 
 class SynthStream(IterableDataset):
@@ -85,13 +89,19 @@ class SynthStream(IterableDataset):
     (benchmarks/RESULTS.md)."""
 
     def __init__(self, seed: int, num_frames: int, image_size: int, noise: float, start: int = 0,
-                 questions: int = 1):
+                 questions: int = 1, categories: tuple[str, ...] | None = None):
         self.seed, self.num_frames, self.image_size, self.noise, self.start = seed, num_frames, image_size, noise, start
-        self.questions = questions
+        self.questions, self.categories = questions, categories
 
     def __iter__(self):
-        rng = np.random.default_rng((self.seed, self.start))  # pixel noise and picks, reproducible on resume
-        for ex in synth.example_stream(self.seed, start=self.start, model_frames=self.num_frames):
+        # With k loader workers, worker w renders clips start + w, start + w + k, ...: together they
+        # cover the stream once (one worker: every clip in order, as before workers were an option).
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        key = (self.seed, self.start) if workers == 1 else (self.seed, self.start, worker)
+        rng = np.random.default_rng(key)  # pixel noise and picks, reproducible on resume
+        for index in itertools.count(self.start + worker, workers):
+            ex = synth.example_at(self.seed, index, model_frames=self.num_frames, categories=self.categories)
             frames = ex.frames[frame_indices(len(ex.frames), self.num_frames)]  # (T, H, W, 3)
             pixels = preprocess(frames, self.image_size)  # (T, 3, S, S)
             if self.noise:
@@ -100,7 +110,7 @@ class SynthStream(IterableDataset):
             if self.questions > 1:
                 more = [q for q in synth.static_questions(ex.scene) if q[0] != ex.question]
                 qa += [more[i] for i in rng.permutation(len(more))[: self.questions - 1]]
-            yield pixels, qa
+            yield pixels, qa, layout_targets(frames, self.image_size // LAYOUT_CELL)
 
 
 class FolderStream(IterableDataset):
@@ -114,14 +124,47 @@ class FolderStream(IterableDataset):
     def __iter__(self):
         from blip3v.runtime.video import load_clip
 
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng(self.seed)
         i = 0
         while True:
             for j in rng.permutation(len(self.rows)):
-                if i >= self.start:
+                if i >= self.start and i % workers == worker:  # k workers: one pass shared, not repeated
                     r = self.rows[j]
-                    yield load_clip(r["path"], self.num_frames, self.image_size), [(r["question"], r["answer"], r["category"])]
+                    yield load_clip(r["path"], self.num_frames, self.image_size), [(r["question"], r["answer"], r["category"])], None
                 i += 1
+
+
+LAYOUT_CELL = 8  # model pixels per layout cell: one cell per patch of the demo tower
+
+
+def layout_targets(frames: np.ndarray, grid: int) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 -> (T, grid * grid) float32: the share of each cell that is not
+    background, the target of the auxiliary layout loss."""
+    t, h, w, _ = frames.shape
+    fg = (np.abs(frames.astype(np.int16) - np.array(synth.BACKGROUND, np.int16)).max(-1) > 24)  # (T, H, W)
+    return fg.reshape(t, grid, h // grid, grid, w // grid).mean((2, 4)).reshape(t, grid * grid).astype(np.float32)
+
+
+class LayoutHead(nn.Module):
+    """Training-only probe that makes the resampler keep where things are in each frame.
+
+    The resampler pools a frame's patches by content, and nothing but `direction` questions asks for
+    position, so training lets the latents drop it (a linear probe reads direction from them at 0.22
+    in the first demo model, from the patches at 0.98). This head reads one frame's latents
+    (N x D, flattened) and predicts the share of every layout cell that is not background; its
+    binary cross-entropy, times `TrainConfig.layout_loss`, is added to the answer loss. It lives in
+    `trainer_state.pt` only: checkpoints keep the released layout."""
+
+    def __init__(self, num_latents: int, dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(num_latents * dim, grid * grid)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, T, N, D) -> layout logits (B, T, grid * grid)."""
+        return self.proj(latents.flatten(2))
 
 
 RESAMPLER_QK_GAIN = 4.0
@@ -172,13 +215,14 @@ def _worker_init(_: int) -> None:
 
 
 def collate(batch, cfg: XGenMMConfig, tokenizer):
-    """[(pixels, [(question, answer, category), ...]), ...] ->
-    pixels (B, T, 3, S, S), ids (Q, L) right-padded, labels (Q, L - 1 + M) with -100 off-answer, and
-    owner (Q,): the clip each of the Q questions is about."""
+    """[(pixels, [(question, answer, category), ...], layout or None), ...] ->
+    pixels (B, T, 3, S, S), ids (Q, L) right-padded, labels (Q, L - 1 + M) with -100 off-answer,
+    owner (Q,): the clip each of the Q questions is about, and layout (B, T, G*G) or None."""
     pixels = torch.from_numpy(np.stack([b[0] for b in batch]))
+    layout = torch.from_numpy(np.stack([b[2] for b in batch])) if batch[0][2] is not None else None
     end = cfg.special_token_ids["end"]
     rows, answer_lens, owner = [], [], []
-    for clip, (_, qa) in enumerate(batch):
+    for clip, (_, qa, _) in enumerate(batch):
         for question, answer, _ in qa:
             answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [end]
             rows.append(encode_prompt(cfg, tokenizer, question) + answer_ids)
@@ -193,15 +237,31 @@ def collate(batch, cfg: XGenMMConfig, tokenizer):
         ids[i, : len(row)] = torch.tensor(row)
         spliced_len = len(row) - 1 + m
         labels[i, spliced_len - n_ans: spliced_len] = torch.tensor(row[-n_ans:])
-    return pixels, ids, labels, torch.tensor(owner)
+    return pixels, ids, labels, torch.tensor(owner), layout
 
 
 def answer_loss(model: XGenMMVideoModel, pixels, ids, labels, owner) -> torch.Tensor:
     """Mean cross-entropy over answer tokens; each clip's video tokens are computed once and
     shared by its questions (`owner`)."""
+    return _answer_ce(model, model.encode_video(pixels), ids, labels, owner)
+
+
+def answer_and_layout_loss(model: XGenMMVideoModel, head: LayoutHead, pixels, ids, labels, owner,
+                           layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """`answer_loss` and the LayoutHead's loss on the same forward pass (the visual path of
+    `encode_video`, cut after the resampler)."""
+    vt = model.vlm.vision_tokenizer
+    b, t = pixels.shape[:2]
+    features = model.vlm.vision_encoder(pixel_values=pixels.flatten(0, 1)).last_hidden_state  # (B*T, N_in, D)
+    latents = vt.resample(features.view(b, t, *features.shape[1:]))  # (B, T, N, D)
+    video = vt.projection(vt.norm(vt.temporal_encoder(latents)))  # (B, M, D_lm)
+    aux = torch.nn.functional.binary_cross_entropy_with_logits(head(latents).float(), layout)
+    return _answer_ce(model, video, ids, labels, owner), aux
+
+
+def _answer_ce(model: XGenMMVideoModel, video, ids, labels, owner) -> torch.Tensor:
     # Right padding needs no mask: causal attention never lets later pads reach earlier tokens.
-    video = model.encode_video(pixels)[owner]  # (Q, M, D)
-    logits, _ = model.decoder(model.splice(ids, video), use_cache=False)  # (Q, L - 1 + M, V)
+    logits, _ = model.decoder(model.splice(ids, video[owner]), use_cache=False)  # (Q, L - 1 + M, V)
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
     )
@@ -215,19 +275,26 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
-          log=print, data: str | Path | None = None) -> dict:
+          log=print, data: str | Path | None = None, device: str = "cpu", workers: int = 1) -> dict:
     """Trains (or resumes) `preset` into `out`; returns the final training summary.
 
     Clips come from the generator on the fly (seeds from TRAIN_SEED_BASE), or from the folder
-    `data` written by `blip3v data synth`."""
+    `data` written by `blip3v data synth`. `device` runs the model there (cpu or cuda); `workers`
+    loader processes render the clips (a GPU step outruns one)."""
     if preset not in TASK_PRESETS:
         raise InputError(f"unknown training preset {preset!r}; known: {', '.join(TASK_PRESETS)}")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this PyTorch build sees no CUDA GPU")
+    if tc.layout_loss and data is not None:
+        raise InputError("the layout loss needs generated clips (their frames are its target), not --data")
     out = Path(out)
     torch.manual_seed(tc.seed)
     state_path = out / STATE_NAME
     if state_path.is_file():
         model, tokenizer = load_checkpoint(out), load_tokenizer(out)
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location="cpu")  # a GPU run resumes anywhere
         start, elapsed, history = state["step"], state["elapsed"], state["history"]
         log(f"resuming {out} at step {start}")
     else:
@@ -236,18 +303,28 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         tokenizer = task_tokenizer()
         model = init_task_model(preset, tokenizer, tc.position_gain)
         state, start, elapsed, history = None, 0, 0.0, []
-    model.train()
+    model.to(device).train()
     cfg = model.config
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
+    head = None
+    if tc.layout_loss:
+        rc = cfg.vision_tokenizer_config
+        head = LayoutHead(rc.num_vis_tokens, rc.vis_feature_dim, cfg.image_size // LAYOUT_CELL).to(device)
+        if state is not None:
+            if "layout_head" not in state:
+                raise InputError(f"{out} was trained without the layout loss; resume it without --layout-loss")
+            head.load_state_dict(state["layout_head"])
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     if data is not None:
         stream = FolderStream(data, cfg.num_frames, cfg.image_size, tc.seed, start=start * tc.batch_size)
     else:
         stream = SynthStream(TRAIN_SEED_BASE + tc.seed, cfg.num_frames, cfg.image_size, tc.noise,
-                             start=start * tc.batch_size, questions=tc.questions)
-    loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=1, worker_init_fn=_worker_init,
-                        collate_fn=lambda b: collate(b, cfg, tokenizer), prefetch_factor=4)
+                             start=start * tc.batch_size, questions=tc.questions, categories=tc.categories)
+    loader = DataLoader(stream, batch_size=tc.batch_size, num_workers=workers, worker_init_fn=_worker_init,
+                        collate_fn=lambda b: collate(b, cfg, tokenizer), prefetch_factor=4,
+                        pin_memory=device == "cuda")
     from tqdm import tqdm
 
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=f"train {preset}", unit="step")
@@ -257,25 +334,38 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
 
     def save() -> None:
         save_checkpoint(model, out, tokenizer)
+        extra = {"layout_head": head.state_dict()} if head is not None else {}
         torch.save({"step": step, "elapsed": time.perf_counter() - t0, "history": history,
-                    "optimizer": opt.state_dict(), "preset": preset, "train_config": tc.__dict__},
+                    "optimizer": opt.state_dict(), "preset": preset, "train_config": tc.__dict__, **extra},
                    out / (STATE_NAME + ".tmp"))
         (out / (STATE_NAME + ".tmp")).replace(state_path)
 
-    for pixels, ids, labels, owner in loader:
+    aux_ema = None
+    for pixels, ids, labels, owner, layout in loader:
         if step >= tc.steps:
             break
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
-        loss = answer_loss(model, pixels, ids, labels, owner)
+        if device != "cpu":
+            pixels, ids, labels, owner = (t.to(device, non_blocking=True) for t in (pixels, ids, labels, owner))
+        if head is None:
+            loss = answer_loss(model, pixels, ids, labels, owner)
+            total = loss
+        else:
+            loss, aux = answer_and_layout_loss(model, head, pixels, ids, labels, owner, layout.to(device))
+            total = loss + tc.layout_loss * aux
+            aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()  # the answer loss alone
         if step % log_every == 0 or step == 1:
-            history.append({"step": step, "loss": round(loss.item(), 5), "ema_loss": round(ema, 5)})
+            point = {"step": step, "loss": round(loss.item(), 5), "ema_loss": round(ema, 5)}
+            if aux_ema is not None:
+                point["layout_ema_loss"] = round(aux_ema, 5)
+            history.append(point)
         bar.set_postfix(loss=f"{ema:.4f}")
         bar.update(1)
         if step % tc.save_every == 0 and step < tc.steps:
@@ -283,6 +373,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
     bar.close()
     save()
     summary = {"preset": preset, "steps": step, "seconds": round(time.perf_counter() - t0, 1),
-               "final_ema_loss": ema, "train_config": tc.__dict__, "history": history}
+               "final_ema_loss": ema, "train_config": tc.__dict__, "device": device, "workers": workers,
+               "history": history}
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -55,6 +55,7 @@ import numpy as np
 from blip3v.benchmarks.common import Log, device, log_stderr, stats, versions, write_section
 
 SECTION = "## Decode speed (ONNX Runtime backend vs peers)"
+SECTION_GPU = "## Decode speed on a GPU (PyTorch fast path vs transformers)"
 
 # Phi-3-mini-4k's sizes (blip3v.model.config.KNOWN_TOWERS); "tiny" keeps its shape at test size.
 # Constraints from the onnxruntime-genai builder (0.18): head_dim % 16 == 0 (its GroupQueryAttention
@@ -88,18 +89,27 @@ def phi3_sizes(size: str, layers: int) -> dict[str, Any]:
     return sizes
 
 
-def make_phi3_dir(directory: Path, size: str, layers: int, seed: int = 0):
-    """A Phi3ForCausalLM with random weights saved as an HF directory (config, safetensors, a
-    word-level tokenizer.json that the builder can load) -> the model, float32, eval mode."""
+def make_phi3(size: str, layers: int, seed: int = 0, device_name: str = "cpu"):
+    """A Phi3ForCausalLM with random weights, float32, eval mode, built on `device_name` (on a GPU
+    the full-depth model is initialised there in seconds instead of minutes on the host)."""
     import torch
-    from blip3v.model.tokenizer import BASE_SPECIALS, build_word_tokenizer
     from transformers import Phi3Config, Phi3ForCausalLM
 
     sizes = phi3_sizes(size, layers)
     theta = sizes.pop("rope_theta")
     conf = Phi3Config(**sizes, rope_parameters={"rope_type": "default", "rope_theta": theta})
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(conf).float().eval()
+    with torch.device(device_name):
+        return Phi3ForCausalLM(conf).float().eval()
+
+
+def make_phi3_dir(directory: Path, size: str, layers: int, seed: int = 0):
+    """`make_phi3` saved as an HF directory (config, safetensors, a word-level tokenizer.json that
+    the builder can load) -> the model, float32, eval mode, on the CPU."""
+    from blip3v.model.tokenizer import BASE_SPECIALS, build_word_tokenizer
+
+    model = make_phi3(size, layers, seed)
+    conf = model.config
     model.save_pretrained(str(directory))
     # Ordinary words fill ids up to the first special (32000 at Phi-3's vocabulary of 32064).
     base = min(32000, conf.vocab_size - 64)
@@ -392,8 +402,8 @@ def summarize(systems: list[System]) -> list[dict[str, Any]]:
     references = {s.precision: s.requests[0].tokens for s in systems if s.name == "transformers"}
     rows = []
     for s in systems:
-        # transformers' greedy ids at the same precision (fp32 for int4, which transformers does not run here)
-        reference = references.get(s.precision, references.get("fp32", []))
+        # transformers' greedy ids at the same precision (for int4, which transformers does not run: fp32, else fp16)
+        reference = references.get(s.precision) or references.get("fp32") or references.get("fp16", [])
         ttft = stats([r.ttft_ms for r in s.requests])
         dec = stats([r.decode_ms for r in s.requests])
         toks = s.requests[0].tokens
@@ -420,11 +430,12 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["target_met"] = {
                 "ttft": ours["ttft_ms"] <= min(p["ttft_ms"] for p in peers),
                 "decode": ours["decode_ms_per_token"] <= min(p["decode_ms_per_token"] for p in peers)}
-        if ours["precision"] == "int4":  # the quantization's own gain: the same runtime and graph in fp32
-            dense = next((r for r in rows if r["name"] == "blip3v" and r["precision"] == "fp32"
-                          and r["variant"] == ours["variant"]), None)
+        if ours["precision"] == "int4":  # the quantization's own gain: the same runtime dense (fp32, else fp16)
+            dense = next((r for p in ("fp32", "fp16") for r in rows if r["name"] == "blip3v"
+                          and r["precision"] == p and r["variant"] == ours["variant"]), None)
             if dense is not None:
-                entry["decode_speedup_vs_own_fp32"] = dense["decode_ms_per_token"] / ours["decode_ms_per_token"]
+                entry["dense_precision"] = dense["precision"]
+                entry["decode_speedup_vs_own_dense"] = dense["decode_ms_per_token"] / ours["decode_ms_per_token"]
         out.append(entry)
     return out
 
@@ -516,20 +527,53 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
                  for peer, v in entry["vs"].items()]
         met = entry.get("target_met", {})
         verdict = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
-        own = (f" Decode vs blip3v's own fp32 graph: x{entry['decode_speedup_vs_own_fp32']:.2f}."
-               if "decode_speedup_vs_own_fp32" in entry else "")
+        own = (f" Decode vs blip3v's own {entry['dense_precision']} weights: x{entry['decode_speedup_vs_own_dense']:.2f}."
+               if "decode_speedup_vs_own_dense" in entry else "")
+        if not parts:
+            lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}): no peer ran this precision here.{own}")
+            continue
         lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}) speed-up (peer time / blip3v time): {'; '.join(parts)}. "
                      f"Target (at least as fast as the faster peer): {verdict}.{own}")
+    return lines
+
+
+def floor_lines(result: dict[str, Any]) -> list[str]:
+    """The GPU run's bandwidth floors beside each blip3v decode time."""
+    floors = result.get("floors")
+    if not floors:
+        return []
+    c = floors["ceilings"]
+    lines = ["", f"Floors (bytes one decode step must read at context {floors['context']}, over the copy bandwidth "
+             f"measured on this GPU, {c['copy_gb_per_s']:.0f} GB/s read + write; fp16 matmul measured "
+             f"{c['matmul_fp16_tflop_per_s']:.0f} TFLOP/s):"]
+    measured = {r["precision"]: r["decode_ms_per_token"] for r in result["systems"] if r["name"] == "blip3v"}
+    for precision, f in floors["per_precision"].items():
+        got = measured.get(precision)
+        lines.append(f"- {precision}: {f['bytes_per_token'] / 1e9:.2f} GB/token, floor {f['floor_ms']:.2f} ms "
+                     f"({f['floor_ms_at_3350_gb_per_s']:.2f} ms at the datasheet's 3.35 TB/s)"
+                     + (f"; blip3v {got:.2f} ms/token = {f['floor_ms'] / got:.0%} of the measured bandwidth"
+                        if got else ""))
+    return lines
+
+
+def torch_profile_lines(profiles: dict[str, Any]) -> list[str]:
+    lines = ["", "Where the time goes (torch.profiler, 16 eager decode steps each: the kernels a captured "
+                 "step replays; ms per step):", ""]
+    for name, prof in profiles.items():
+        lines.append(f"- {name}: eager step wall {prof['eager_step_wall_ms']:.2f} ms, kernels "
+                     f"{prof['kernel_ms_per_step']:.2f} ms; top: "
+                     + "; ".join(f"`{k}` {v:.3f}" for k, v in list(prof["top_kernels_ms"].items())[:8]))
     return lines
 
 
 def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> str:
     cfg, dev = result["config"], result["device"]
     v = result["versions"]
+    where = (f"on **{dev['gpu']}** ({dev['gpu_memory_gib']} GiB, CUDA {dev['cuda']}), host {dev['cpu']}"
+             if "gpu" in dev else f"on the dev box's CPU: **{dev['cpu']}**, {dev['logical_cpus']} logical CPUs, "
+             f"{dev['threads']} threads per system (torch.set_num_threads / ORT intra-op threads)")
     lines = [heading, "",
-             (f"Measured {result['date']} on the dev box's CPU: **{dev['cpu']}**, {dev['logical_cpus']} logical "
-              f"CPUs, {dev['threads']} threads per system (torch.set_num_threads / ORT intra-op threads), 1-minute "
-              f"load average {dev['load_average_1m_at_start']} at the start."),
+             f"Measured {result['date']} {where}, 1-minute load average {dev['load_average_1m_at_start']} at the start.",
              "",
              (f"Model: Phi3ForCausalLM with random weights ({cfg['size']}: hidden {cfg['hidden_size']}, MLP "
               f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}), "
@@ -538,12 +582,14 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
               "TTFT: prompt ids to the first new id; decode: mean interval between the later ids."),
              "",
              "```", command, "```", "",
-             table(result["systems"]), "", *ratio_lines(result), "",
-             "Export check of the blip3v graphs against float32 PyTorch (prefill + 4 cached steps): "
-             + ", ".join(f"{k} max abs diff {x:.1e}" for k, x in result["export_check"].items()) + ".",
-             "",
-             "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "."]
-    if result.get("profile"):
+             table(result["systems"]), "", *ratio_lines(result), *floor_lines(result), ""]
+    if result["export_check"]:
+        lines += ["Export check of the blip3v graphs against float32 PyTorch (prefill + 4 cached steps): "
+                  + ", ".join(f"{k} max abs diff {x:.1e}" for k, x in result["export_check"].items()) + ".", ""]
+    lines.append("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
+    if result.get("profile") and "floors" in result:
+        lines += torch_profile_lines(result["profile"])
+    elif result.get("profile"):
         profiles = result["profile"]
         names = list(profiles)
         lines += ["", ("Where the time goes (ORT profiler, one more request each; kernel time by op type, ms; "
@@ -592,9 +638,9 @@ def load_lm(directory: Path, log: Log):
     return model
 
 
-def torch_system(model, precision: str, device_name: str, threads: int, weights: str = "dense") -> System:
+def torch_system(model, precision: str, device_name: str, threads: int, weights: str = "dense"):
     """This project's PyTorch decoder (blip3v.model.fast_decode.FastDecoder: static KV buffers written
-    in place, CUDA-graph step on a GPU) around the same Phi-3."""
+    in place, CUDA-graph step on a GPU) around the same Phi-3 -> (System, the FastDecoder)."""
     import torch
     from blip3v.model.fast_decode import FastDecoder
     from blip3v.runtime.generation import SamplingConfig
@@ -612,7 +658,7 @@ def torch_system(model, precision: str, device_name: str, threads: int, weights:
         return timed_request(lambda on_token: body(ids, n, on_token))
 
     graph = "CUDA graph step" if fast.graph_mode == "cuda_graph" else "eager step"
-    return System("blip3v", f"torch static KV, {graph}", precision, run)
+    return System("blip3v", f"torch static KV, {graph}", precision, run), fast
 
 
 def _ort_providers(device_name: str) -> list[str]:
@@ -645,15 +691,20 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
     except ImportError:
         have_genai = False
         log("onnxruntime-genai is not installed: its row is left out (pip install onnxruntime-genai)")
+    on_disk = "onnxruntime" in backends or have_genai  # the exporter and the builder read an HF directory
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         if args.lm is None:
-            lm_dir = work / "phi3"
-            log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {lm_dir}")
-            model = make_phi3_dir(lm_dir, args.size, args.layers, args.seed)
-            log(f"  written in {time.perf_counter() - t0:.0f} s")
             described = f"Phi3ForCausalLM, random weights ({args.size}), {args.layers} layers"
+            lm_dir = work / "phi3"
+            if on_disk:
+                log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {lm_dir}")
+                model = make_phi3_dir(lm_dir, args.size, args.layers, args.seed)
+            else:  # only PyTorch systems: built where they run, nothing written
+                log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) on {args.device}")
+                model = make_phi3(args.size, args.layers, args.seed, args.device)
+            log(f"  built in {time.perf_counter() - t0:.0f} s")
         else:
             lm_dir = Path(args.lm)
             model = load_lm(lm_dir, log)
@@ -661,12 +712,16 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
         conf = model.config
         if args.prompt_tokens + args.new_tokens > conf.max_position_embeddings:
             raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
-        golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
-        embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
+        golden = embeddings = None
+        if "onnxruntime" in backends:
+            golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
+            embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
         systems, exports, int4_path = [], {}, None
         int4_options = {"block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level}
+        fast: dict[str, Any] = {}  # precision -> the torch system's FastDecoder, for the floors
+        half = None  # the float16 model on the device, shared by the fp16 and int4 torch systems
         for precision in (p for p in args.precision if p != "int4"):
-            # a copy per precision and device for transformers and the export; the reference stays float32.
+            # a copy per precision for transformers and the export; the reference stays float32.
             pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
             if "onnxruntime" in backends:
                 exported = export_blip3v(pmodel, work, args.attention, precision, golden, log)
@@ -675,10 +730,13 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                 systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads,
                                                          _ort_providers(args.device)), a, precision)
                             for a, e in exported.items()]
-            dmodel = copy.deepcopy(pmodel).to(args.device) if cuda else pmodel
+            on_device = not cuda or next(pmodel.parameters()).is_cuda  # built there, or the CPU run
+            dmodel = pmodel if on_device else copy.deepcopy(pmodel).to(args.device)
+            half = dmodel if cuda and precision == "fp16" else half
             systems.append(transformers_system(dmodel, args.hf_attention, precision))
             if "torch" in backends:
-                systems.append(torch_system(dmodel, precision, args.device, args.threads))
+                system, fast[precision] = torch_system(dmodel, precision, args.device, args.threads)
+                systems.append(system)
         if "int4" in args.precision and "onnxruntime" in backends:
             fp32_gqa = exports.get("gqa fp32") or export_blip3v(model, work, ["gqa"], "fp32", golden, log)["gqa"]
             int4_path = path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
@@ -686,8 +744,11 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
             systems.append(blip3v_system(blip3v_backend(path, embeddings, conf, args.threads,
                                                         _ort_providers(args.device)), "gqa", "int4"))
         if "int4" in args.precision and "torch" in backends and cuda:  # INT4 Triton kernel; no CPU fast path
-            half = copy.deepcopy(model).to(args.device, torch.float16)
-            systems.append(torch_system(half, "int4", args.device, args.threads, weights="int4"))
+            if half is None:
+                half = copy.deepcopy(model).to(args.device, torch.float16)
+            # the FastDecoder swaps Int4Linear into its own layer list; `half` keeps its fp16 weights
+            system, fast["int4"] = torch_system(half, "int4", args.device, args.threads, weights="int4")
+            systems.append(system)
         if have_genai:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
             for precision in (p for p in args.precision if p in ("fp32", "int4")):
                 built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
@@ -731,8 +792,76 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                 log("profiling one onnxruntime-genai int4 request")
                 result["profile"]["onnxruntime-genai int4"] = profile_genai(work / "genai-int4", prompt,
                                                                             args.new_tokens, work)
+        if cuda and fast:
+            result["floors"] = decode_floors(fast, args.prompt_tokens + args.new_tokens // 2, log)
+            if args.profile:
+                result.setdefault("profile", {}).update(
+                    {f"blip3v torch {p}": profile_torch_step(f, args.prompt_tokens, log) for p, f in fast.items()})
         log(f"done in {time.perf_counter() - t0:.0f} s")
     return result
+
+
+def decode_bytes_per_token(fast, context: int) -> int:
+    """The fewest bytes one decode step of a FastDecoder reads: every layer weight (dense, or INT4
+    packed + scales), the final norm and lm_head, plus the K/V of `context` cached tokens."""
+    from blip3v.model.fast_decode import KVCache
+
+    weights = [fast.norm, fast.lm_head, *fast.layers]
+    total = 0
+    for module in weights:
+        for sub in module.modules():
+            if isinstance(sub, KVCache):
+                total += sum(b[:1, :, :context].numel() * b.element_size() for b in (sub.k, sub.v))
+                continue
+            total += sum(t.numel() * t.element_size()
+                         for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)))
+    return total
+
+
+def decode_floors(fast: dict[str, Any], context: int, log: Log) -> dict[str, Any]:
+    """The bandwidth floor of one decode step per precision: its bytes over the copy bandwidth
+    measured on this GPU (and over the H100 SXM datasheet's 3.35 TB/s)."""
+    from blip3v.benchmarks.common import gpu_ceilings
+
+    ceilings = gpu_ceilings()
+    log(f"GPU ceilings: copy {ceilings['copy_gb_per_s']:.0f} GB/s, fp16 matmul "
+        f"{ceilings['matmul_fp16_tflop_per_s']:.0f} TFLOP/s")
+    out: dict[str, Any] = {"ceilings": ceilings, "context": context, "per_precision": {}}
+    for precision, f in fast.items():
+        n = decode_bytes_per_token(f, context)
+        out["per_precision"][precision] = {
+            "bytes_per_token": n, "floor_ms": n / ceilings["copy_gb_per_s"] / 1e6,
+            "floor_ms_at_3350_gb_per_s": n / 3350 / 1e6}
+    return out
+
+
+def profile_torch_step(fast, position: int, log: Log, steps: int = 16) -> dict[str, Any]:
+    """CUDA kernel time of the decode step run eagerly (the kernels a captured graph replays), per
+    step and by kernel name, from torch.profiler; the step's own wall time beside it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    log(f"profiling {steps} eager decode steps ({fast.dtype}, "
+        f"{'int4' if any('Int4' in type(m).__name__ for m in fast.modules()) else 'dense'})")
+    tokens = torch.full((1,), 5, dtype=torch.long, device=fast.device)
+    positions = torch.full((1,), position, dtype=torch.long, device=fast.device)
+    with torch.inference_mode():
+        for _ in range(3):
+            fast.step(tokens, positions)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fast.step(tokens, positions)
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    kernels = {}
+    for e in prof.key_averages():
+        ms = getattr(e, "self_device_time_total", 0) / 1e3 / steps
+        if ms > 0:
+            kernels[e.key[:90]] = kernels.get(e.key[:90], 0.0) + ms
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])
+    return {"eager_step_wall_ms": wall, "kernel_ms_per_step": sum(kernels.values()), "top_kernels_ms": top}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -762,7 +891,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-attention", choices=("sdpa", "eager"), default="sdpa",
                    help="transformers attention implementation (default sdpa, its own default)")
     p.add_argument("--skip-genai", action="store_true", help="leave onnxruntime-genai out")
-    p.add_argument("--profile", action="store_true", help="add ORT op-type profiles of one blip3v (gqa) and one onnxruntime-genai request")
+    p.add_argument("--profile", action="store_true", help="add ORT op-type profiles of one blip3v (gqa) and one onnxruntime-genai request; "
+                        "with --device cuda, torch.profiler kernel times of the torch backend's decode step")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--out-md", type=Path, metavar="PATH",
@@ -794,7 +924,8 @@ def main(argv: list[str] | None = None) -> int:
         niceness = os.nice(0)
         command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/bench_decode.py " + \
             shlex.join(argv if argv is not None else sys.argv[1:])
-        write_section(args.out_md, SECTION, markdown(result, command))
+        heading = SECTION_GPU if args.device == "cuda" else SECTION
+        write_section(args.out_md, heading, markdown(result, command, heading))
         log_stderr(f"wrote {args.out_md}")
     return 0
 

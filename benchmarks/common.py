@@ -112,3 +112,31 @@ def write_section(path: Path, section: str, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def gpu_ceilings(copy_mib: int = 2048, matmul_n: int = 8192, repeats: int = 10) -> dict[str, float]:
+    """The two ceilings of the CUDA GPU as measured here, for the floors beside a benchmark's times:
+    a device-to-device copy (GB/s counting bytes read plus written) and a square float16 matmul
+    (TFLOP/s), each the median of `repeats` runs on random data, timed with CUDA events."""
+    import torch
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        fn()  # warm-up: cuBLAS handle and algorithm choice
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    src = torch.randn(copy_mib * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.float16)
+    b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.float16)
+    mm_ms = median_ms(lambda: a @ b)
+    return {"copy_gb_per_s": 2 * copy_mib * 2**20 / copy_ms / 1e6,
+            "matmul_fp16_tflop_per_s": 2 * matmul_n**3 / mm_ms / 1e9}

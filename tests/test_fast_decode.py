@@ -36,6 +36,9 @@ from blip3v.runtime.generation import SamplingConfig  # noqa: E402
 
 LOGIT_ATOL = 1e-4  # fp32 static-cache logits vs transformers' full forward (observed ~1e-6)
 NEW_TOKENS = 12
+# Where backend="triton" runs: the GPU when there is one (Triton launches only on CUDA tensors
+# there), else the CPU interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # The Triton-backend tests need kernels that can run: on a GPU, or in the interpreter when this
@@ -163,7 +166,8 @@ def test_step_logits_match_full_forward():
 def test_triton_kernels_in_the_loop():
     """backend="triton": decode attention, residual+RMSNorm (and prefill's norms) as kernels."""
     model = tiny_model(kv_heads=2)
-    embeds, mask = prompts(model, TWO)
+    embeds, mask = (t.to(TRITON_DEVICE) for t in prompts(model, TWO))
+    model.to(TRITON_DEVICE)
     want = reference(model, embeds, mask, new_tokens=6)
     dec = FastDecoder(model, max_batch=2, max_seq=48, backend="triton")
     assert dec.generate(embeds, mask, SamplingConfig(max_new_tokens=6), ()) == want
@@ -193,7 +197,8 @@ def test_int4_logits_close_to_fp32():
 @needs_triton
 def test_int4_triton_matches_int4_reference():
     model = tiny_model()
-    embeds, mask = prompts(model, ONE)
+    embeds, mask = (t.to(TRITON_DEVICE) for t in prompts(model, ONE))
+    model.to(TRITON_DEVICE)
     ref = FastDecoder(model, max_batch=1, max_seq=40, weights="int4", group_size=32, backend="torch")
     want = ref.generate(embeds, mask, SamplingConfig(max_new_tokens=4), ())
     tri = FastDecoder(model, max_batch=1, max_seq=40, weights="int4", group_size=32, backend="triton")

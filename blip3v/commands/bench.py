@@ -141,13 +141,16 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
               help="Timed requests per system after one warm-up, interleaved across systems.")
 @click.option("--threads", type=click.IntRange(min=1), default=CPUS, show_default=True)
 @click.option("--skip-genai", is_flag=True, help="Leave onnxruntime-genai out even where it is installed.")
+@click.option("--profile", is_flag=True,
+              help="Add where the time goes: ORT op-type profiles on cpu; torch.profiler kernel times of the "
+                   "torch backend's decode step on cuda.")
 @click.option("--results", type=click.Path(dir_okay=False), default=None,
               help="Write the result as the decode section of this Markdown file (e.g. benchmarks/RESULTS.md).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"systems": [{"name", "precision", "ttft_ms", "decode_ms_per_token"}, ...], "ratios", ...}.')
 def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_accuracy_level, attention,
-           prompt_tokens, new_tokens, repeats, threads, skip_genai, results, quiet, as_json) -> None:
+           prompt_tokens, new_tokens, repeats, threads, skip_genai, profile, results, quiet, as_json) -> None:
     """Decode ms/token and time to first token: this project's runtimes (named blip3v) against
     transformers' eager generation and onnxruntime-genai (where installed), same weights, one run.
 
@@ -160,7 +163,7 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
                               precision=list(precision or ("fp32", "fp16", "int4")), attention=list(attention),
                               int4_block_size=int(int4_block_size), int4_accuracy_level=int(int4_accuracy_level),
                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
-                              hf_attention="sdpa", skip_genai=skip_genai, profile=False, seed=0)
+                              hf_attention="sdpa", skip_genai=skip_genai, profile=profile, seed=0)
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
     try:
         result = bd.run_benchmark(args, log)
@@ -171,13 +174,13 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
             raise InputError(f"{r['name']} ({r['variant']}): a timing is not positive and finite")
     if results:
         # one section per (precisions, device): a run replaces its own figures, not another run's
-        heading = f"{bd.SECTION}: {', '.join(args.precision)}, {device}"
+        heading = f"{bd.SECTION_GPU if device == 'cuda' else bd.SECTION}: {', '.join(args.precision)}, {device}"
         _write_results(results, heading, bd.markdown(result, _command_line(), heading))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(bd.table(result["systems"]))
-    for line in bd.ratio_lines(result):
+    for line in [*bd.ratio_lines(result), *bd.floor_lines(result)]:
         click.echo(line)
 
 

@@ -154,14 +154,12 @@ class LayoutHead(nn.Module):
     position, so training lets the latents drop it (a linear probe read direction from them at 0.22
     in a demo model trained without this head, from the patches at 0.98; at 0.995 in the shipped
     demo, trained with it at weight 1, whose direction answers went from the prior to 0.96-1.00).
-    This head reads one frame's latents
-    (N x D, flattened) and predicts the share of every layout cell that is not background; its
-    binary cross-entropy, times `TrainConfig.layout_loss`, is added to the answer loss. It lives in
-    `trainer_state.pt` only: checkpoints keep the released layout."""
+    This head reads one frame's latents (N x D, flattened) and predicts the share of every layout
+    cell that is not background; its binary cross-entropy, times `TrainConfig.layout_loss`, is added
+    to the answer loss. It lives in `trainer_state.pt` only: checkpoints keep the released layout."""
 
     def __init__(self, num_latents: int, dim: int, grid: int):
         super().__init__()
-        self.grid = grid
         self.proj = nn.Linear(num_latents * dim, grid * grid)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -311,6 +309,9 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
     model.to(device).train()
     cfg = model.config
     head = None
+    if state is not None and "layout_head" in state and not tc.layout_loss:
+        raise InputError(f"{out} was trained with the layout loss; resume it with --layout-loss "
+                         f"{state['train_config'].get('layout_loss', 1.0):g}")
     if tc.layout_loss:
         rc = cfg.vision_tokenizer_config
         head = LayoutHead(rc.num_vis_tokens, rc.vis_feature_dim, cfg.image_size // LAYOUT_CELL).to(device)
@@ -342,6 +343,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         here = {"from_step": start, "to_step": step, "device": device, "workers": workers,
                 "seconds": round(time.perf_counter() - t_segment, 1)}
         return [*segments, here]
+
     log_every = max(1, min(50, tc.steps // 20))  # ~20 points in short runs, every 50 steps in long ones
 
     def save() -> None:

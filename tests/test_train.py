@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint
 from blip3v.model.train import STATE_NAME, TrainConfig, train
 from conftest import run_cli
@@ -60,7 +63,8 @@ def test_layout_targets_mark_the_cells_a_shape_covers():
 
 def test_layout_loss_run_keeps_the_released_layout_and_resumes(tmp_path):
     """--layout-loss trains a head that lives in trainer_state.pt only; the checkpoint's keys are those
-    of a run without it, its loss is logged and falls, and a resume reloads the head."""
+    of a run without it, its loss is logged and falls, a resume reloads the head, and a resume that
+    leaves out --layout-loss is refused in one line (it would drop the head)."""
     import torch
     from safetensors import safe_open
 
@@ -80,6 +84,8 @@ def test_layout_loss_run_keeps_the_released_layout_and_resumes(tmp_path):
     more = train("demo", layout, TrainConfig(steps=32, batch_size=4, warmup=2, lr=2e-3, layout_loss=1.0),
                  progress=False, log=lambda m: None)
     assert more["steps"] == 32 and "layout_ema_loss" in more["history"][-1]
+    with pytest.raises(InputError, match="--layout-loss 1"):  # resuming without it would drop the head
+        train("demo", layout, TrainConfig(steps=34, batch_size=4), progress=False, log=lambda m: None)
 
 
 def test_loader_workers_share_the_stream_without_repeats():

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from blip3v.benchmarks.common import Log, PeakRSS, device, log_stderr, stats, versions, write_section
+from blip3v.benchmarks.common import Log, PeakRSS, device, log_stderr, stats, versions
 from blip3v.errors import InputError
 
 SECTION = "## Latency per token budget"

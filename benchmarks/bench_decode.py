@@ -129,6 +129,8 @@ def _engine_shim(model):
     import torch
     from torch import nn
 
+    from blip3v.model.xgenmm import cache_kwargs
+
     class Phi3Engine(nn.Module):
         def __init__(self, lm):
             super().__init__()
@@ -139,8 +141,8 @@ def _engine_shim(model):
         def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
             return self.vlm.lang_model.model.embed_tokens(input_ids)
 
-        def decoder(self, inputs_embeds: torch.Tensor, **kwargs):
-            out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **kwargs)
+        def decoder(self, inputs_embeds: torch.Tensor, cache=None, **kwargs):
+            out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **cache_kwargs(cache), **kwargs)
             return self.vlm.lang_model.lm_head(out.last_hidden_state), out
 
     return Phi3Engine(model).eval()

@@ -219,7 +219,7 @@ def decoder_golden(model: XGenMMVideoModel, steps: int = VALIDATION_STEPS, promp
         embeds = model.embed_tokens(torch.randint(0, vocab, (b, prompt), generator=g))
         step_pos = positions
         for _ in range(steps + 1):
-            out, _ = model.decoder(embeds, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+            out, _ = model.decoder(embeds, attention_mask=mask, position_ids=step_pos, cache=cache,
                                    use_cache=True)
             calls.append(embeds.numpy().copy())
             logits.append(out[:, -1].numpy().copy())

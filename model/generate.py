@@ -62,7 +62,7 @@ def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mas
     done = np.zeros(batch, dtype=bool)
     for _ in range(sampling.max_new_tokens):
         logits, _ = model.decoder(step_embeds, attention_mask=mask, position_ids=step_positions,
-                                  past_key_values=cache, use_cache=use_cache)
+                                  cache=cache, use_cache=use_cache)
         tokens = sample(logits[:, -1].float().cpu().numpy())  # (B,)
         if accept_tokens(tokens, stop_ids, done, out, on_token):
             break

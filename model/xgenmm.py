@@ -11,12 +11,23 @@ to the generation engine (`blip3v.model.generate`); the model only reads it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
-from transformers import Phi3Config, Phi3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Phi3Config, Phi3ForCausalLM, Phi3Model, SiglipVisionConfig, SiglipVisionModel
 
 from blip3v.model.config import XGenMMConfig
 from blip3v.model.resampler import VisionTokenizer
+
+# transformers 5.24 renamed the KV-cache argument of Phi3Model.forward from `past_key_values` to
+# `cache` (the old name warns on every call and is due to go in 5.40); earlier 5.x know only the old one.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(Phi3Model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """{the installed transformers' name for the KV-cache argument: cache}, or {} for no cache."""
+    return {} if cache is None else {_CACHE_ARG: cache}
 
 
 class DecoupledEmbedding(nn.Embedding):
@@ -121,9 +132,9 @@ class XGenMMVideoModel(nn.Module):
                 for i in range(input_ids.shape[0])]
         return torch.stack(rows)
 
-    def decoder(self, inputs_embeds: torch.Tensor, **kwargs):
-        """Phi-3 body (KV cache passed in by the caller) -> (logits (B, S, V+3), outputs)."""
-        out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **kwargs)
+    def decoder(self, inputs_embeds: torch.Tensor, cache=None, **kwargs):
+        """Phi-3 body (KV `cache` passed in by the caller) -> (logits (B, S, V+3), outputs)."""
+        out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **cache_kwargs(cache), **kwargs)
         return self.vlm.lang_model.lm_head(out.last_hidden_state), out
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,

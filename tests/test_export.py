@@ -184,7 +184,7 @@ def test_decoder_graph_in_pytorch_matches_the_model(attention):
     cache = DynamicCache(config=model.vlm.lang_model.config)
     with torch.inference_mode():
         for step in range(3):
-            ref, _ = model.decoder(embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            ref, _ = model.decoder(embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             logits, *past = graph(embeds, mask, pos, *past)
             torch.testing.assert_close(logits, ref[:, -1], atol=FP32_TOL, rtol=0)
             embeds = torch.randn(b, 1, d, generator=g)

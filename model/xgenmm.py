@@ -16,6 +16,7 @@ import inspect
 import torch
 from torch import nn
 from transformers import Phi3Config, Phi3ForCausalLM, Phi3Model, SiglipVisionConfig, SiglipVisionModel
+from transformers.cache_utils import Cache
 
 from blip3v.model.config import XGenMMConfig
 from blip3v.model.resampler import VisionTokenizer
@@ -25,7 +26,7 @@ from blip3v.model.resampler import VisionTokenizer
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Phi3Model.forward).parameters else "past_key_values"
 
 
-def cache_kwargs(cache) -> dict:
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache]:
     """{the installed transformers' name for the KV-cache argument: cache}, or {} for no cache."""
     return {} if cache is None else {_CACHE_ARG: cache}
 
@@ -132,7 +133,7 @@ class XGenMMVideoModel(nn.Module):
                 for i in range(input_ids.shape[0])]
         return torch.stack(rows)
 
-    def decoder(self, inputs_embeds: torch.Tensor, cache=None, **kwargs):
+    def decoder(self, inputs_embeds: torch.Tensor, cache: Cache | None = None, **kwargs):
         """Phi-3 body (KV `cache` passed in by the caller) -> (logits (B, S, V+3), outputs)."""
         out = self.vlm.lang_model.model(inputs_embeds=inputs_embeds, **cache_kwargs(cache), **kwargs)
         return self.vlm.lang_model.lm_head(out.last_hidden_state), out

@@ -165,6 +165,10 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
                               hf_attention="sdpa", skip_genai=skip_genai, profile=profile, seed=0)
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if quiet:  # transformers' own bars (writing the random Phi-3's shards)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         result = bd.run_benchmark(args, log)
     except ValueError as exc:

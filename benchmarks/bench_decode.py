@@ -213,12 +213,10 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     import onnxruntime as ort
     from blip3v.export.engine import KV_TEMPLATES
     from blip3v.runtime.manifest import Manifest
-    from blip3v.runtime.ort_backend import OrtBackend
+    from blip3v.runtime.ort_backend import OrtBackend, session_options
 
     layers = int(conf.num_hidden_layers)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
+    options = session_options(providers, threads)
     backend = object.__new__(OrtBackend)
     backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
     on_gpu = "CUDAExecutionProvider" in providers
@@ -471,11 +469,10 @@ def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
                    new_tokens: int, workdir: Path) -> dict[str, Any]:
     """One blip3v request through a profiling session of the same graph."""
     import onnxruntime as ort
+    from blip3v.runtime.ort_backend import session_options
 
     backend = blip3v_backend(decoder_path, embeddings, conf, threads)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
+    options = session_options(["CPUExecutionProvider"], threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"profile-blip3v-{decoder_path.stem}")
     backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])

@@ -92,8 +92,9 @@ def session_options(providers: Sequence[str], threads: int | None = None) -> ort
     sessions. With ORT's default (an arena per session) the INT4 decode step of the benchmark's
     Phi-3-width model measured about 5 % slower on the dev box: decode ratio against onnxruntime-genai
     0.945-0.983 in four runs of ten paired requests, against 0.995-1.015 with the shared arena in
-    the four runs alternating with them. The arena lives as long as the process, shared by every
-    session in it."""
+    the four runs alternating with them (the decode benchmark itself, which times fp32 sessions in
+    between, did not separate the two settings: benchmarks/RESULTS.md). The arena lives as long as
+    the process, shared by every session in it."""
     global _env_cpu_arena
     options = ort.SessionOptions()
     options.log_severity_level = 3

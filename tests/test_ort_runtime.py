@@ -123,6 +123,14 @@ def test_greedy_tokens_match_torch_batch_of_two(backends):
     assert got[0] != got[1]  # the answers depend on the input
 
 
+def test_cpu_sessions_allocate_from_the_shared_env_arena(backends):
+    """Both graphs' CPU sessions use the process-wide arena (runtime.ort_backend.session_options);
+    the token-for-token checks in this file run through them."""
+    _, ob = backends
+    for session in (ob.visual, ob.decoder):
+        assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+
+
 def test_standard_attention_engine_gives_the_same_tokens(backends, checkpoint, tmp_path):
     """The plain-ONNX decoder (for TensorRT and others) runs through the same runtime code."""
     from blip3v.export.engine import export_engine

@@ -63,6 +63,9 @@ class VisionTokenizer(nn.Module):
             latents = latents + ff(latents)
         return latents.view(b, t, -1, d)  # (B, T, N, D)
 
+    def tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Resampled frames (B, T, N, D) -> video tokens (B, M, D_lm): temporal encoder, norm, projection."""
+        return self.projection(self.norm(self.temporal_encoder(latents)))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        video = self.temporal_encoder(self.resample(features))  # (B, M, D)
-        return self.projection(self.norm(video))  # (B, M, D_lm)
+        return self.tokens(self.resample(features))

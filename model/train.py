@@ -79,6 +79,12 @@ class TrainConfig:
     layout_loss: float = 0.0  # weight of the auxiliary layout loss on the resampler latents (LayoutHead)
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this loader worker's index, the number of workers); (0, 1) outside a DataLoader worker."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
 class SynthStream(IterableDataset):
     """Endless (pixels, [(question, answer, category), ...]) rendered in memory from the generator.
 
@@ -96,8 +102,7 @@ class SynthStream(IterableDataset):
     def __iter__(self):
         # With k loader workers, worker w renders clips start + w, start + w + k, ...: together they
         # cover the stream once (one worker: every clip in order, as before workers were an option).
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _worker_share()
         key = (self.seed, self.start) if workers == 1 else (self.seed, self.start, worker)
         rng = np.random.default_rng(key)  # pixel noise and picks, reproducible on resume
         for index in itertools.count(self.start + worker, workers):
@@ -124,8 +129,7 @@ class FolderStream(IterableDataset):
     def __iter__(self):
         from blip3v.runtime.video import load_clip
 
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _worker_share()
         rng = np.random.default_rng(self.seed)
         i = 0
         while True:
@@ -250,13 +254,10 @@ def answer_loss(model: XGenMMVideoModel, pixels, ids, labels, owner) -> torch.Te
 
 def answer_and_layout_loss(model: XGenMMVideoModel, head: LayoutHead, pixels, ids, labels, owner,
                            layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """`answer_loss` and the LayoutHead's loss on the same forward pass (the visual path of
-    `encode_video`, cut after the resampler)."""
-    vt = model.vlm.vision_tokenizer
-    b, t = pixels.shape[:2]
-    features = model.vlm.vision_encoder(pixel_values=pixels.flatten(0, 1)).last_hidden_state  # (B*T, N_in, D)
-    latents = vt.resample(features.view(b, t, *features.shape[1:]))  # (B, T, N, D)
-    video = vt.projection(vt.norm(vt.temporal_encoder(latents)))  # (B, M, D_lm)
+    """`answer_loss` and the LayoutHead's loss on the same forward pass (`encode_video` in its two
+    halves, the head reading the latents between them)."""
+    latents = model.frame_latents(pixels)  # (B, T, N, D)
+    video = model.vlm.vision_tokenizer.tokens(latents)  # (B, M, D_lm)
     aux = torch.nn.functional.binary_cross_entropy_with_logits(head(latents).float(), layout)
     return _answer_ce(model, video, ids, labels, owner), aux
 

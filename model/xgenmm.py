@@ -110,11 +110,16 @@ class XGenMMVideoModel(nn.Module):
     # -- the visual path -----------------------------------------------------------------
     def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, T, 3, S, S) -> video tokens (B, M, D_lm)."""
+        return self.vlm.vision_tokenizer.tokens(self.frame_latents(pixel_values))
+
+    def frame_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, T, 3, S, S) -> each frame's resampler latents (B, T, N, D), before the
+        temporal encoder (the training-only layout loss reads them)."""
         b, t = pixel_values.shape[:2]
         frames = pixel_values.flatten(0, 1)  # (B*T, 3, S, S)
         features = self.vlm.vision_encoder(pixel_values=frames).last_hidden_state  # (B*T, N_in, D)
         features = features.view(b, t, features.shape[1], features.shape[2])  # (B, T, N_in, D)
-        return self.vlm.vision_tokenizer(features)
+        return self.vlm.vision_tokenizer.resample(features)
 
     # -- the language side ---------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

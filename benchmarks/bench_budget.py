@@ -253,22 +253,14 @@ class TorchPipeline:
         FLOPs (torch.utils.flop_counter) over the fp16 matmul rate measured on this GPU."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        from blip3v.benchmarks.common import gpu_ceilings
+        from blip3v.benchmarks.common import cuda_times_ms, gpu_ceilings
         from blip3v.runtime.video import load_clip
 
         torch, cfg = self.torch, self.cfg
         pixels = load_clip(video, cfg.num_frames, cfg.image_size, cfg.image_mean, cfg.image_std)
         pixels = torch.from_numpy(pixels)[None].to(self.opts.device, self.dtype)  # (1, T, 3, S, S)
-        times = []
         with torch.inference_mode():
-            for i in range(3 + repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self.model.encode_video(pixels)
-                end.record()
-                end.synchronize()
-                if i >= 3:  # warm-up: cuDNN / cuBLAS algorithm choice
-                    times.append(start.elapsed_time(end))
+            times = cuda_times_ms(lambda: self.model.encode_video(pixels), repeats, warmup=3)
             with FlopCounterMode(display=False) as counter:
                 self.model.encode_video(pixels)
         ceilings = gpu_ceilings()

@@ -114,6 +114,24 @@ def write_section(path: Path, section: str, text: str) -> None:
     tmp.replace(path)
 
 
+def cuda_times_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """`fn`'s GPU time per call, ms, timed with CUDA events, over `repeats` calls after `warmup`
+    untimed ones (cuBLAS / cuDNN handle and algorithm choice)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def gpu_ceilings(copy_mib: int = 2048, matmul_n: int = 8192, repeats: int = 10) -> dict[str, float]:
     """The two ceilings of the CUDA GPU as measured here, for the floors beside a benchmark's times:
     a device-to-device copy (GB/s counting bytes read plus written) and a square float16 matmul
@@ -121,16 +139,7 @@ def gpu_ceilings(copy_mib: int = 2048, matmul_n: int = 8192, repeats: int = 10) 
     import torch
 
     def median_ms(fn: Callable[[], object]) -> float:
-        fn()  # warm-up: cuBLAS handle and algorithm choice
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return statistics.median(cuda_times_ms(fn, repeats))
 
     src = torch.randn(copy_mib * 2**20 // 4, device="cuda")
     dst = torch.empty_like(src)

@@ -89,12 +89,11 @@ def session_options(providers: Sequence[str], threads: int | None = None) -> ort
 
     CPU-only sessions allocate from one CPU arena registered on ONNX Runtime's process-wide
     environment (`session.use_env_allocators`), the setup onnxruntime-genai uses for its CPU
-    sessions. With ORT's default (an arena per session) the INT4 decode step of the benchmark's
-    Phi-3-width model measured about 5 % slower on the dev box: decode ratio against onnxruntime-genai
-    0.945-0.983 in four runs of ten paired requests, against 0.995-1.015 with the shared arena in
-    the four runs alternating with them (the decode benchmark itself, which times fp32 sessions in
-    between, did not separate the two settings: benchmarks/RESULTS.md). The arena lives as long as
-    the process, shared by every session in it."""
+    sessions, so the decode benchmark's two ORT runners differ in one thing less. It is not shown
+    to be faster: a first scratch A/B on the benchmark's INT4 model suggested about 5 % against
+    ORT's default (an arena per session), but `python -m blip3v.benchmarks.ort_arena_ab` did not
+    reproduce that on the dev box (benchmarks/RESULTS.md, decode section). The arena lives as long
+    as the process, shared by every session in it."""
     global _env_cpu_arena
     options = ort.SessionOptions()
     options.log_severity_level = 3

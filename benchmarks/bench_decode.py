@@ -210,10 +210,9 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     An engine directory also needs visual.onnx, which a plain Phi-3 has not, so this sets the
     decoder side up as OrtBackend.__init__ does (same tensor names from the export's templates,
     CPU session, no stop ids so every request runs N steps) and leaves the visual side out."""
-    import onnxruntime as ort
     from blip3v.export.engine import KV_TEMPLATES
     from blip3v.runtime.manifest import Manifest
-    from blip3v.runtime.ort_backend import OrtBackend, session_options
+    from blip3v.runtime.ort_backend import OrtBackend, create_session, session_options
 
     layers = int(conf.num_hidden_layers)
     options = session_options(providers, threads)
@@ -221,7 +220,7 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
     on_gpu = "CUDAExecutionProvider" in providers
     backend.device, backend.ort_device = ("cuda", "cuda") if on_gpu else ("cpu", "cpu")
-    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=list(providers))
+    backend.decoder = create_session(decoder_path, options, providers)  # weights on huge pages, as shipped
     backend.max_context = int(conf.max_position_embeddings)
     backend.kv_heads = int(conf.num_key_value_heads)
     backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
@@ -468,14 +467,13 @@ def trace_summary(path: Path) -> dict[str, Any]:
 def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: int, prompt: np.ndarray,
                    new_tokens: int, workdir: Path) -> dict[str, Any]:
     """One blip3v request through a profiling session of the same graph."""
-    import onnxruntime as ort
-    from blip3v.runtime.ort_backend import session_options
+    from blip3v.runtime.ort_backend import create_session, session_options
 
     backend = blip3v_backend(decoder_path, embeddings, conf, threads)
     options = session_options(["CPUExecutionProvider"], threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"profile-blip3v-{decoder_path.stem}")
-    backend.decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    backend.decoder = create_session(decoder_path, options, ["CPUExecutionProvider"])
     blip3v_system(backend, "gqa", "fp32").run(prompt, new_tokens)
     return trace_summary(Path(backend.decoder.end_profiling()))
 

@@ -30,6 +30,7 @@ import onnxruntime as ort
 from blip3v.errors import EngineError, InputError
 from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
 from blip3v.runtime.host import EngineHost
+from blip3v.runtime.hugepages import huge_pages
 from blip3v.runtime.manifest import Manifest, load_manifest
 
 # --device -> execution providers, most preferred first (ORT falls back along the list per node).
@@ -91,9 +92,11 @@ def session_options(providers: Sequence[str], threads: int | None = None) -> ort
     environment (`session.use_env_allocators`), the setup onnxruntime-genai uses for its CPU
     sessions, so the decode benchmark's two ORT runners differ in one thing less. It is not shown
     to be faster: a first scratch A/B on the benchmark's INT4 model suggested about 5 % against
-    ORT's default (an arena per session), but `python -m blip3v.benchmarks.ort_arena_ab` did not
-    reproduce that on the dev box (benchmarks/RESULTS.md, decode section). The arena lives as long
-    as the process, shared by every session in it."""
+    ORT's default (an arena per session), but the committed A/B (`python -m
+    blip3v.benchmarks.decode_ab --settings shipped,session --mode requests`) did not reproduce it
+    on the dev box (benchmarks/RESULTS.md, decode section). The arena lives as long as the
+    process, shared by every session in it. What did measure faster is putting the weights on huge
+    pages (`create_session`)."""
     global _env_cpu_arena
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -108,12 +111,20 @@ def session_options(providers: Sequence[str], threads: int | None = None) -> ort
     return options
 
 
+def create_session(path: str | Path, options: ort.SessionOptions, providers: Sequence[str],
+                   provider_options: list[dict] | None = None) -> ort.InferenceSession:
+    """An InferenceSession whose weights sit on transparent huge pages when it runs on the CPU alone
+    (blip3v.runtime.hugepages; on the dev box INT4 decode is about 5 % faster for it)."""
+    with huge_pages(on=None if list(providers) == ["CPUExecutionProvider"] else False):
+        return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
+
+
 def _open_session(path: Path, providers: list[str], options_by_provider: dict[str, dict] | None = None
                   ) -> ort.InferenceSession:
     options = session_options(providers)
     provider_options = [dict((options_by_provider or {}).get(p, {})) for p in providers]
     try:
-        return ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+        return create_session(path, options, providers, provider_options)
     except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own Fail/InvalidGraph/... types)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"{path}: onnxruntime cannot load it ({first[:300]})") from None

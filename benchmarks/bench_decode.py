@@ -23,8 +23,10 @@ new tokens.
 TTFT = from the prompt's ids to the first new id (prefill + its sampling, including each system's
 own set-up per request: KV allocation, embedding lookup); decode ms/token = the mean interval
 between the following N - 1 ids. One warm-up request per system is excluded; the R timed
-repeats are interleaved across systems (so background load hits all alike) and reported as
-median and min/max over repeats. Speed-up = peer time / blip3v time (> 1: blip3v is faster).
+repeats are interleaved across systems (so background load hits all alike; the order reverses
+every other repeat) and reported as median and min/max over repeats. Speed-up = peer time /
+blip3v time (> 1: blip3v is faster). blip3v's CPU sessions put their weights on huge pages as the
+runtime does (blip3v.runtime.hugepages; the table says how many MiB).
 
 Each system keeps its own design choices in the times: the builder's graph computes logits at
 every prompt position in the prefill (blip3v's graph and transformers' generate, with
@@ -212,6 +214,7 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     CPU session, no stop ids so every request runs N steps) and leaves the visual side out."""
     from blip3v.export.engine import KV_TEMPLATES
     from blip3v.runtime.manifest import Manifest
+    from blip3v.runtime.hugepages import Backed
     from blip3v.runtime.ort_backend import OrtBackend, create_session, session_options
 
     layers = int(conf.num_hidden_layers)
@@ -220,7 +223,8 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
     on_gpu = "CUDAExecutionProvider" in providers
     backend.device, backend.ort_device = ("cuda", "cuda") if on_gpu else ("cpu", "cpu")
-    backend.decoder = create_session(decoder_path, options, providers)  # weights on huge pages, as shipped
+    backend.huge_pages = Backed()
+    backend.decoder = create_session(decoder_path, options, providers, backed=backend.huge_pages)  # as shipped
     backend.max_context = int(conf.max_position_embeddings)
     backend.kv_heads = int(conf.num_key_value_heads)
     backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
@@ -305,6 +309,7 @@ class System:
     precision: str
     run: Callable[[np.ndarray, int], Request]  # (prompt ids (P,), new tokens) -> Request
     requests: list[Request] = field(default_factory=list)
+    huge_pages_mib: float = 0.0  # of its weights (blip3v's CPU sessions, blip3v.runtime.hugepages)
 
 
 def transformers_system(model, attn: str, precision: str) -> System:
@@ -354,7 +359,9 @@ def blip3v_system(backend, attention: str, precision: str) -> System:
     def run(ids: np.ndarray, n: int) -> Request:
         return timed_request(lambda on_token: body(ids, n, on_token))
 
-    return System("blip3v", f"ORT {attention}, IO binding", precision, run)
+    huge = getattr(backend, "huge_pages", None)  # set by blip3v_backend: what create_session collapsed
+    return System("blip3v", f"ORT {attention}, IO binding", precision, run,
+                  huge_pages_mib=huge.bytes / 2**20 if huge is not None else 0.0)
 
 
 def genai_system(model_dir: Path, precision: str = "fp32") -> System:
@@ -387,7 +394,9 @@ def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats:
     for s in systems:  # warm-up: same shapes, excluded
         s.run(prompt, min(new_tokens, 8))
     for r in range(repeats):
-        for s in systems:  # interleaved: background load hits every system alike
+        # Interleaved, so background load hits every system alike, and in reverse order every other
+        # repeat, so no system always runs straight after the same neighbour (or always first).
+        for s in (systems if r % 2 == 0 else systems[::-1]):
             time.sleep(PAUSE_S)
             req = s.run(prompt, new_tokens)
             if len(req.marks) != new_tokens:
@@ -408,6 +417,7 @@ def summarize(systems: list[System]) -> list[dict[str, Any]]:
         toks = s.requests[0].tokens
         agree = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), min(len(toks), len(reference)))
         rows.append({"name": s.name, "variant": s.variant, "precision": s.precision,
+                     "huge_pages_mib": round(s.huge_pages_mib, 1),
                      "ttft_ms": ttft["median"], "ttft_ms_min": ttft["min"], "ttft_ms_max": ttft["max"],
                      "decode_ms_per_token": dec["median"], "decode_ms_per_token_min": dec["min"],
                      "decode_ms_per_token_max": dec["max"],
@@ -510,7 +520,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             "| greedy ids = transformers' |")
     lines = [head, "|" + "---|" * 6]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['variant']} | {r['precision']} "
+        pages = f", {r['huge_pages_mib']:.0f} MiB on huge pages" if r.get("huge_pages_mib") else ""
+        lines.append(f"| {r['name']} | {r['variant']}{pages} | {r['precision']} "
                      f"| {r['ttft_ms']:.1f} ({r['ttft_ms_min']:.1f}-{r['ttft_ms_max']:.1f}) "
                      f"| {r['decode_ms_per_token']:.2f} ({r['decode_ms_per_token_min']:.2f}-"
                      f"{r['decode_ms_per_token_max']:.2f}) | first {r['greedy_prefix_agreeing_with_transformers']} |")
@@ -575,8 +586,8 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
              (f"Model: Phi3ForCausalLM with random weights ({cfg['size']}: hidden {cfg['hidden_size']}, MLP "
               f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}), "
               f"{cfg['layers']} layers; prompt {cfg['prompt_tokens']} random ids, {cfg['new_tokens']} new tokens "
-              f"(greedy, forced to the full count), {cfg['repeats']} timed repeats after one warm-up, interleaved. "
-              "TTFT: prompt ids to the first new id; decode: mean interval between the later ids."),
+              f"(greedy, forced to the full count), {cfg['repeats']} timed repeats after one warm-up, interleaved "
+              "(order reversed every other repeat). TTFT: prompt ids to the first new id; decode: mean interval between the later ids."),
              "",
              "```", command, "```", "",
              table(result["systems"]), "", *ratio_lines(result), *floor_lines(result), ""]

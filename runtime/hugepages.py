@@ -4,18 +4,20 @@ A CPU decode step streams every weight once: a 4-layer Phi-3-width INT4 decoder 
 about 85,000 pages of 4 KiB, far beyond what the TLB covers, so the step also walks page tables
 throughout. 2 MiB pages cut that 512-fold. ONNX Runtime allocates the weights it prepacks with plain
 malloc, and on kernels whose THP mode is `madvise` (the default on many distributions, and on the dev
-box) those stay on 4 KiB pages. llama.cpp asks for huge pages on its weight mapping for the same
-reason (ggml-org/llama.cpp#22022).
+box) those stay on 4 KiB pages. (A llama.cpp pull request, ggml-org/llama.cpp#22022, proposes the
+same hint, MADV_HUGEPAGE, for its weight mapping.)
 
     with huge_pages() as backed:
         session = ort.InferenceSession(...)
     backed.bytes  # how much of what the session allocated now sits on huge pages
 
 Around the session's creation this notes the process's anonymous mappings; afterwards it asks the
-kernel (madvise MADV_COLLAPSE, Linux 6.1+) to back every 2 MiB-aligned chunk of the mappings that
-appeared or grew meanwhile, if every page of the chunk is resident. Only resident chunks: thread
-stacks and an arena's untouched tail are left as they are, so this adds no memory. It is advice: on
-another OS, an older kernel, THP `never`, or any refusal, nothing changes and nothing fails.
+kernel (madvise MADV_COLLAPSE, Linux 6.1+) to back every 2 MiB-aligned chunk of the address ranges
+mapped meanwhile (new mappings, the new part of grown ones such as the heap), if every page of the
+chunk is resident. What the process had mapped before (another model in the same process) is left
+alone. Only resident chunks: thread stacks and an arena's untouched tail are left as they are, so
+this adds no memory. It is advice: on another OS, an older kernel, THP `never`, or any refusal,
+nothing changes and nothing fails.
 Set BLIP3V_HUGE_PAGES=0 to turn it off.
 """
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,7 +95,7 @@ def resident_chunks(libc, start: int, end: int, chunk: int) -> list[tuple[int, i
     return runs
 
 
-def collapse(spans: set[tuple[int, int]]) -> Backed:
+def collapse(spans: Iterable[tuple[int, int]]) -> Backed:
     """Ask for huge pages under the fully resident chunks of `spans`."""
     backed = Backed()
     libc, chunk = _libc(), huge_page_size()
@@ -106,9 +108,31 @@ def collapse(spans: set[tuple[int, int]]) -> Backed:
     return backed
 
 
+def new_spans(before: set[tuple[int, int]], after: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The address ranges inside `after` that no range of `before` covered (a grown mapping gives
+    its new part only; a new mapping merged with an old neighbour, its own part)."""
+    old = sorted(before)
+    out = []
+    for start, end in sorted(after):
+        cursor = start
+        for a, b in old:
+            if b <= cursor or a >= end:
+                continue
+            if a > cursor:
+                out.append((cursor, a))
+            cursor = max(cursor, b)
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
 @contextmanager
 def huge_pages(on: bool | None = None) -> Iterator[Backed]:
-    """Collapse onto huge pages what the `with` body allocated and filled (see the module doc)."""
+    """Collapse onto huge pages what the `with` body mapped and filled (see the module doc).
+
+    Only address ranges mapped during the body: memory the process had before (another model's
+    weights, say, in the same process) is left as it is, even where the body's allocations reused
+    free space inside it."""
     backed = Backed()
     if not (enabled() if on is None else on and sys.platform.startswith("linux")):
         yield backed
@@ -120,7 +144,7 @@ def huge_pages(on: bool | None = None) -> Iterator[Backed]:
         return
     yield backed
     try:
-        result = collapse(anonymous_mappings() - before)
+        result = collapse(new_spans(before, anonymous_mappings()))
     except (OSError, AttributeError):  # no /proc, or a libc without madvise/mincore
         return
     backed.bytes, backed.refused = result.bytes, result.refused

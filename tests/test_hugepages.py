@@ -98,3 +98,13 @@ def test_switched_off(monkeypatch):
         region.write(b"\1" * len(region))
     assert backed.bytes == backed.refused == 0
     region.close()
+
+
+def test_only_newly_mapped_ranges_are_candidates():
+    """Memory mapped before the session (another model in the same process) is never collapsed:
+    a grown mapping contributes its new part, a new one merged with an old neighbour its own part."""
+    before = {(10, 20), (30, 40)}
+    after = {(10, 25), (5, 20), (30, 40), (50, 60), (28, 45)}
+    assert hugepages.new_spans(before, after) == [(5, 10), (20, 25), (28, 30), (40, 45), (50, 60)]
+    assert hugepages.new_spans(before, before) == []
+

@@ -202,11 +202,12 @@ class OrtBackend(EngineHost):
         positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, S)
         # The prefill binds its own arrays; decode steps read buffers bound once and rewritten in place.
         # Each step's host work runs right after the weights have streamed through the caches, where
-        # every Python line and numpy call costs several times what it costs warm (about 240 us a
-        # step measured on the 2-core dev box, 1.7 % of an INT4 step), so a step does the least it
+        # every Python line and numpy call costs several times what it costs warm (about 150 us a
+        # step measured on the 2-core dev box, 1 % of an INT4 step), so a step does the least it
         # can: argmax, one row gathered into the bound buffer, a position bump, and the mask rebound
         # at its new length. With B = 1 the mask's OrtValue for every length is made up front (views
-        # of `full_mask`): binding a ready OrtValue costs ~27 us cold against ~97 us for bind_input.
+        # of `full_mask`): binding a ready OrtValue costs ~27 us cold against ~97 us for bind_input
+        # (240 us a step before).
         prompt_embeds = np.ascontiguousarray(embeds, dtype=self.dtype)
         binding.bind_cpu_input(self.embeds_name, prompt_embeds)
         prompt_pos = np.ascontiguousarray(positions, dtype=np.int64)  # bound arrays stay alive until the run

@@ -206,7 +206,8 @@ def quantize_blip3v_int4(decoder_path: Path, embeddings: np.ndarray, conf, block
 
 
 def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int,
-                   providers: Sequence[str] = ("CPUExecutionProvider",)):  # embeddings: graph dtype
+                   providers: Sequence[str] = ("CPUExecutionProvider",),
+                   options=None):  # embeddings: graph dtype; options: default the runtime's session_options
     """The runtime's OrtBackend around a decoder graph alone: exactly the state `generate` reads.
 
     An engine directory also needs visual.onnx, which a plain Phi-3 has not, so this sets the
@@ -218,7 +219,7 @@ def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     from blip3v.runtime.ort_backend import OrtBackend, create_session, session_options
 
     layers = int(conf.num_hidden_layers)
-    options = session_options(providers, threads)
+    options = session_options(providers, threads) if options is None else options
     backend = object.__new__(OrtBackend)
     backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
     on_gpu = "CUDAExecutionProvider" in providers
@@ -477,13 +478,12 @@ def trace_summary(path: Path) -> dict[str, Any]:
 def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: int, prompt: np.ndarray,
                    new_tokens: int, workdir: Path) -> dict[str, Any]:
     """One blip3v request through a profiling session of the same graph."""
-    from blip3v.runtime.ort_backend import create_session, session_options
+    from blip3v.runtime.ort_backend import session_options
 
-    backend = blip3v_backend(decoder_path, embeddings, conf, threads)
     options = session_options(["CPUExecutionProvider"], threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"profile-blip3v-{decoder_path.stem}")
-    backend.decoder = create_session(decoder_path, options, ["CPUExecutionProvider"])
+    backend = blip3v_backend(decoder_path, embeddings, conf, threads, options=options)
     blip3v_system(backend, "gqa", "fp32").run(prompt, new_tokens)
     return trace_summary(Path(backend.decoder.end_profiling()))
 
@@ -587,7 +587,8 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
               f"{cfg['intermediate_size']}, {cfg['num_attention_heads']} heads, vocab {cfg['vocab_size']}), "
               f"{cfg['layers']} layers; prompt {cfg['prompt_tokens']} random ids, {cfg['new_tokens']} new tokens "
               f"(greedy, forced to the full count), {cfg['repeats']} timed repeats after one warm-up, interleaved "
-              "(order reversed every other repeat). TTFT: prompt ids to the first new id; decode: mean interval between the later ids."),
+              "(order reversed every other repeat). TTFT: prompt ids to the first new id; decode: mean interval "
+              "between the later ids."),
              "",
              "```", command, "```", "",
              table(result["systems"]), "", *ratio_lines(result), *floor_lines(result), ""]

@@ -64,17 +64,14 @@ def blip3v_backend(work: Path, setting: str, threads: int):
     import onnxruntime as ort
     from transformers import AutoConfig
 
-    from blip3v.runtime.ort_backend import create_session
-
-    graph = work / "decoder-gqa-fp32-int4.onnx"
-    conf = AutoConfig.from_pretrained(work / "phi3")
-    backend = bd.blip3v_backend(graph, np.load(work / "embeddings.npy"), conf, threads)  # shipped options
+    options = None  # the runtime's own session options (env arena)
     if setting == "session":
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
-        backend.decoder = create_session(graph, options, ["CPUExecutionProvider"])
-    return backend
+    conf = AutoConfig.from_pretrained(work / "phi3")
+    return bd.blip3v_backend(work / "decoder-gqa-fp32-int4.onnx", np.load(work / "embeddings.npy"), conf, threads,
+                             options=options)  # weights on huge pages unless BLIP3V_HUGE_PAGES=0 (setting 4k)
 
 
 def stepped_request(backend, model, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

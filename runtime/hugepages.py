@@ -17,9 +17,8 @@ mapped meanwhile (new mappings, the new part of grown ones such as the heap), if
 chunk is resident. What the process had mapped before (another model in the same process) is left
 alone. Only resident chunks: thread stacks and an arena's untouched tail are left as they are, so
 this adds no memory; it does add load time (0.7-0.8 s for a session holding 560 MiB on the dev
-box). It is advice: on another OS, an older kernel, THP `never`, or any refusal,
-nothing changes and nothing fails.
-Set BLIP3V_HUGE_PAGES=0 to turn it off.
+box). It is advice: on another OS, an older kernel, THP `never`, or any refusal, nothing changes
+and nothing fails. Set BLIP3V_HUGE_PAGES=0 to turn it off.
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""Benchmarks: latency per token budget, decode speed against peers; RESULTS.md holds the figures."""

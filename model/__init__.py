@@ -1,1 +1,0 @@
-"""blip3v.model"""

@@ -19,6 +19,7 @@ from blip3v.errors import Blip3vError
 # Listed here (not discovered) so `--help` is fast and the set of commands is explicit.
 COMMANDS = {
     "ask": "ask",
+    "chat": "chat",
     "inspect": "inspect",
     "data": "data",
     "train": "train",
@@ -70,6 +71,11 @@ def abort(message: str) -> None:
     sys.exit(2)
 
 
+# Top-level modules that only an extra installs -> the extra that brings them.
+EXTRAS = {"torch": "torch", "transformers": "torch", "safetensors": "torch", "sentencepiece": "torch",
+          "onnx": "torch", "onnxscript": "torch", "triton": "kernels", "matplotlib": "bench", "tensorrt": "tensorrt"}
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="blip3v", standalone_mode=False)
@@ -84,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         abort(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
         abort("interrupted")
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        abort(f"this command needs {top}, which is not installed: pip install 'blip3v[{EXTRAS[top]}]'"
+              + (" (install torch==2.13.0 first for the CPU wheel)" if EXTRAS[top] == "torch" else ""))
     except BrokenPipeError:
         sys.exit(0)
 

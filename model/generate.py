@@ -1,18 +1,21 @@
-"""The PyTorch backend: KV-cached generation for the reference model, and `ask` on a video.
+"""The PyTorch backend: the reference model behind the runtime's decoder interface.
 
-The engine owns the KV cache (a transformers `DynamicCache` here; the GPU fast path uses static
-buffers) and the model only reads it. Prompts in a batch are left-padded; positions come from
-the attention mask so padded rows decode exactly as they would alone.
+The runtime owns the KV cache (blip3v.runtime.decoding.KVCache) and runs the one decode loop; this
+backend stores a cache either as transformers' `DynamicCache` (`decoder="reference"`) or as the
+static buffers of `FastDecoder` (`decoder="static"`, blip3v.model.fast_decode), and runs the
+decoder on a chunk of embeddings. Prompts in a batch are left-padded; positions come from the
+attention mask so padded rows decode exactly as they would alone.
 
-    from blip3v.model.generate import TorchBackend
-    TorchBackend.load("DIR").ask("clip.mp4", "what colour does the square turn?")
+    from blip3v.runtime.session import Engine
+    Engine.open(model="DIR").ask("clip.mp4", "what colour does the square turn?")
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import copy
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.generation import AskMixin, Sampler, SamplingConfig, accept_tokens, record_timings
+from blip3v.runtime.decoding import KVCache
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,62 +39,48 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-@torch.inference_mode()
-def generate(model: XGenMMVideoModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-             sampling: SamplingConfig, stop_ids: tuple[int, ...], *, use_cache: bool = True,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Generates from spliced embeddings (B, S, D) with a left-padded mask (B, S).
+class DynamicStorage:
+    """A KVCache's storage on the reference decoder: transformers' DynamicCache, which grows as
+    tokens are written (the KVCache's capacity is the runtime's bound on it)."""
 
-    Returns each row's new tokens, without the stop token. `on_token(row, id)` sees each kept token.
-    `use_cache=False` recomputes the whole sequence every step (the check that the cache is exact).
-    """
-    sample = Sampler(sampling)
-    batch = inputs_embeds.shape[0]
-    max_context = int(model.config.text_config["max_position_embeddings"])
-    if inputs_embeds.shape[1] + sampling.max_new_tokens > max_context:
-        raise InputError(
-            f"prompt of {inputs_embeds.shape[1]} tokens + {sampling.max_new_tokens} new tokens exceeds "
-            f"the model's context of {max_context}"
-        )
-    mask = attention_mask.clone()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-    cache = DynamicCache(config=model.vlm.lang_model.config) if use_cache else None
-    embeds = inputs_embeds
-    step_embeds, step_positions = inputs_embeds, positions
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, dtype=bool)
-    for _ in range(sampling.max_new_tokens):
-        logits, _ = model.decoder(step_embeds, attention_mask=mask, position_ids=step_positions,
-                                  cache=cache, use_cache=use_cache)
-        tokens = sample(logits[:, -1].float().cpu().numpy())  # (B,)
-        if accept_tokens(tokens, stop_ids, done, out, on_token):
-            break
-        next_ids = torch.from_numpy(tokens).view(batch, 1).to(inputs_embeds.device)
-        next_embeds = model.embed_tokens(next_ids).to(inputs_embeds.dtype)  # (B, 1, D)
-        next_pos = positions[:, -1:] + 1
-        positions = torch.cat([positions, next_pos], dim=1)
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        if use_cache:
-            step_embeds, step_positions = next_embeds, next_pos
-        else:
-            embeds = torch.cat([embeds, next_embeds], dim=1)
-            step_embeds, step_positions = embeds, positions
-    return out
+    def __init__(self, cache: DynamicCache):
+        self.cache = cache
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for layer in self.cache.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+    def crop(self, slots: int) -> None:
+        """Keeps the first `slots` slots of every layer. Written on the layers' key/value tensors, not
+        on DynamicCache.crop, whose argument changed meaning within transformers 5 (an absolute
+        length before, a negative count to remove in 5.25)."""
+        for layer in self.cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or not getattr(layer, "is_initialized", True):
+                continue
+            held = getattr(layer, "cumulative_length", keys.shape[-2])
+            if held != keys.shape[-2]:
+                raise InputError("cannot rewind a cache past its sliding window")
+            layer.keys, layer.values = keys[..., :slots, :], layer.values[..., :slots, :]
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = slots
 
 
 DECODERS = ("auto", "reference", "static")
 
 
-class TorchBackend(AskMixin):
-    """Checkpoint -> answers, on the PyTorch reference model.
+class TorchBackend:
+    """Checkpoint -> answers, on the PyTorch reference model: a host of blip3v.runtime.session and a
+    decoder of blip3v.runtime.decoding.
 
-    `decoder="reference"` generates through transformers' DynamicCache (`generate` above);
-    `"static"` through `FastDecoder` (static KV buffers, CUDA-graph step, Triton kernels, optional
-    INT4 weights); `"auto"` picks static on CUDA and reference elsewhere.
+    `decoder="reference"` stores the cache as transformers' DynamicCache; `"static"` runs
+    `FastDecoder` (static KV buffers, CUDA-graph step, Triton kernels, optional INT4 weights);
+    `"auto"` picks static on CUDA and reference elsewhere.
     """
 
     def __init__(self, model: XGenMMVideoModel, tokenizer, device: str = "cpu", *, decoder: str = "auto",
-                 weights: str = "dense", group_size: int = 128, max_batch: int = 16):
+                 weights: str = "dense", group_size: int = 128, max_batch: int = 16, fingerprint: str = ""):
         check_tokenizer(model.config, tokenizer)
         if device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: this PyTorch build sees no CUDA GPU")
@@ -101,10 +90,18 @@ class TorchBackend(AskMixin):
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}")
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
-        self.cfg = model.config
+        self.cfg = cfg = model.config
         self.device = device
-        self.stop_ids = stop_token_ids(self.cfg)
-        self.num_video_tokens = self.cfg.num_video_tokens
+        self.dtype = next(self.model.parameters()).dtype
+        self.stop_ids = stop_token_ids(cfg)
+        self.special_ids = dict(cfg.special_token_ids)
+        self.num_video_tokens = cfg.num_video_tokens
+        self.num_frames, self.image_size = cfg.num_frames, cfg.image_size
+        self.image_mean, self.image_std = tuple(cfg.image_mean), tuple(cfg.image_std)
+        self.prompt_template = cfg.prompt_template
+        self.max_context = int(cfg.text_config["max_position_embeddings"])
+        self.max_batch = max_batch
+        self.fingerprint = fingerprint or f"torch:{id(model)}"
         if decoder == "auto":
             decoder = "static" if device == "cuda" or weights != "dense" else "reference"
         self.fast = None
@@ -114,48 +111,102 @@ class TorchBackend(AskMixin):
             self.fast = FastDecoder(self.model, max_batch=max_batch, weights=weights, group_size=group_size)
         elif weights != "dense":
             raise InputError("--weights int4 needs the static decoder (--decoder static or auto)")
+        self.fingerprint += f"|{device}|{self.dtype}|{decoder}|{weights}|{group_size}"
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+    def load(cls, directory: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
              **options) -> "TorchBackend":
-        return cls(load_checkpoint(directory, dtype=dtype), load_tokenizer(directory), device, **options)
+        if isinstance(dtype, str):
+            names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+            if dtype not in names:
+                raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+            dtype = names[dtype]
+        if dtype is None:
+            dtype = torch.float16 if device == "cuda" else torch.float32
+        options = {k: v for k, v in options.items() if v is not None}
+        if "group_size" in options:
+            options["group_size"] = int(options["group_size"])
+        return cls(load_checkpoint(directory, dtype=dtype), load_tokenizer(directory), device,
+                   fingerprint=_checkpoint_fingerprint(Path(directory)), **options)
 
+    # -- the host side (blip3v.runtime.session) ---------------------------------------------
     def load_video(self, path: str | Path) -> np.ndarray:
         """(T, 3, S, S) float32 through the shared runtime video path."""
         from blip3v.runtime.video import load_clip
 
-        return load_clip(path, self.cfg.num_frames, self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std)
+        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def encode_prompt(self, question: str) -> list[int]:
+        return encode_prompt(self.cfg, self.tokenizer, question)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @torch.inference_mode()
-    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
-                     on_token: Callable[[int, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[list[int]]:
-        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row."""
-        dtype = next(self.model.parameters()).dtype
-        t0 = time.perf_counter()
-        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, dtype)
-        video = self.model.encode_video(pixels)  # (B, M, D)
-        t1 = time.perf_counter()
-        rows = [encode_prompt(self.cfg, self.tokenizer, q) for q in questions]
-        ids, mask = left_pad(rows, self.cfg.special_token_ids["pad"])
+    def encode_video(self, pixel_values: np.ndarray) -> torch.Tensor:
+        """(B, T, 3, S, S) -> video tokens (B, M, D) on the model's device."""
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        return self.model.encode_video(pixels)
+
+    @torch.inference_mode()
+    def splice(self, rows: list[list[int]], video: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Prompt ids per row + video tokens (B, M, D) -> left-padded embeddings (B, S, D) with each
+        row's `<image>` replaced by its M tokens, and the mask (B, S)."""
+        image = self.special_ids["image"]
+        for r in rows:
+            if r.count(image) != 1:
+                raise InputError(f"each prompt needs exactly one <image> token; found {r.count(image)}")
+        ids, mask = left_pad(rows, self.special_ids["pad"])
         ids, mask = ids.to(self.device), mask.to(self.device)
-        embeds = self.model.splice(ids, video)
-        wide_mask = self.model.widen_mask(ids, mask)
-        first: list[float] = []
+        embeds = self.model.splice(ids, video.to(self.dtype))
+        return embeds, self.model.widen_mask(ids, mask).cpu().numpy()
 
-        def _on_token(row: int, tok: int) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            if on_token is not None:
-                on_token(row, tok)
+    # -- the decoder (blip3v.runtime.decoding) -------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, ids: np.ndarray) -> torch.Tensor:
+        return self.model.embed_tokens(torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)).to(self.dtype)
 
+    def chunked_prefill(self, batch: int) -> bool:
+        return True
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
         if self.fast is not None:
-            out = self.fast.generate(embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
-        else:
-            out = generate(self.model, embeds, wide_mask, sampling, self.stop_ids, on_token=_on_token)
-        record_timings(timings, t0, t1, first[0] if first else None, time.perf_counter())
-        return out
+            return self.fast.new_cache(self, batch, capacity)
+        return KVCache(self, DynamicStorage(DynamicCache(config=self.model.vlm.lang_model.config)), batch, capacity)
 
+    def copy_cache(self, src: KVCache, dst: KVCache, slots: int) -> None:
+        if self.fast is not None:
+            return self.fast.copy_cache(src, dst, slots)
+        dst.storage = DynamicStorage(copy.deepcopy(src.storage.cache))
+        dst.storage.crop(slots)
+
+    def truncate_cache(self, cache: KVCache, slots: int) -> None:
+        if self.fast is None:
+            cache.storage.crop(slots)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, embeds: torch.Tensor, positions: np.ndarray) -> np.ndarray:
+        if self.fast is not None:
+            return self.fast.forward(cache, embeds, positions)
+        mask = torch.from_numpy(cache.mask[:, :cache.used]).to(self.device)
+        pos = torch.from_numpy(positions).to(self.device)
+        logits, _ = self.model.decoder(embeds.to(self.dtype), attention_mask=mask, position_ids=pos,
+                                       cache=cache.storage.cache, use_cache=True)
+        return logits[:, -1].float().cpu().numpy()  # (B, V+3)
+
+    def step(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.fast is not None:
+            return self.fast.step_tokens(cache, tokens, positions)
+        return self.forward(cache, self.embed(tokens[:, None]), positions)
+
+
+def _checkpoint_fingerprint(directory: Path) -> str:
+    """What identifies a checkpoint's answers cheaply: its config and index bytes and shard sizes."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
+    return "torch:" + digest.hexdigest()

@@ -6,10 +6,9 @@ greedy answers can be compared token for token across backends and sampling mean
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
-from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,14 +23,19 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # text that ends the answer (not included), as OpenAI's `stop`
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise InputError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InputError("top_p must be in (0, 1]")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise InputError("stop must be a list of strings")
 
 
 class Sampler:
@@ -59,22 +63,6 @@ class Sampler:
         return out
 
 
-def accept_tokens(tokens: np.ndarray, stop_ids: tuple[int, ...], done: np.ndarray, out: list[list[int]],
-                  on_token: Callable[[int, int], None] | None = None) -> bool:
-    """One decode step's bookkeeping, shared by every backend: each unfinished row keeps its token
-    (a stop id finishes the row instead and is not kept). Returns True when every row is done."""
-    for row, tok in enumerate(tokens.tolist()):
-        if done[row]:
-            continue
-        if tok in stop_ids:
-            done[row] = True
-            continue
-        out[row].append(tok)
-        if on_token is not None:
-            on_token(row, tok)
-    return bool(done.all())
-
-
 class TextStream:
     """Turns a growing list of token ids into newly finished text, for printing as it comes."""
 
@@ -92,42 +80,3 @@ class TextStream:
         if len(text) > self.printed:
             self.on_text(text[self.printed:])
             self.printed = len(text)
-
-
-@dataclass
-class Answer:
-    """What every backend's `ask` returns."""
-
-    text: str
-    token_ids: list[int]
-    video_tokens: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def record_timings(timings: dict[str, float] | None, start: float, video_done: float, first_token: float | None,
-                   end: float) -> None:
-    """answer_batch's per-stage timings, ms, the same keys from every backend: visual, prefill (to the
-    first token), generate (prefill + decode)."""
-    if timings is not None:
-        timings["visual"] = (video_done - start) * 1e3
-        timings["prefill"] = ((first_token if first_token is not None else end) - video_done) * 1e3
-        timings["generate"] = (end - video_done) * 1e3
-
-
-class AskMixin:
-    """`ask` on top of a backend's `load_video`, `answer_batch` and `decode`: one clip, one
-    question, streamed text, and the same per-stage timings from every backend."""
-
-    num_video_tokens: int
-
-    def ask(self, video: str | Path, question: str, sampling: SamplingConfig | None = None,
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        sampling = sampling or SamplingConfig()
-        t0 = time.perf_counter()
-        pixels = self.load_video(video)[None]  # type: ignore[attr-defined]  # (1, T, 3, S, S)
-        timings = {"decode_video": (time.perf_counter() - t0) * 1e3}
-        stream = TextStream(self.decode, on_text) if on_text is not None else None  # type: ignore[attr-defined]
-        ids = self.answer_batch(pixels, [question], sampling,  # type: ignore[attr-defined]
-                                on_token=(lambda _row, tok: stream.push(tok)) if stream else None,
-                                timings=timings)[0]
-        return Answer(self.decode(ids), ids, self.num_video_tokens, timings)  # type: ignore[attr-defined]

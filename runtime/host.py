@@ -1,33 +1,27 @@
 """The host side every engine backend shares, read from the manifest alone: clip loading, the prompt
-tokenizer, the embedding table, the splice of video tokens into the prompt, and `answer_batch`
-around a backend's own `encode_video` and `generate`.
+tokenizer, the embedding table and the splice of video tokens into the prompt.
 
-OrtBackend and TrtBackend differ only in where the graphs run and how the KV cache is held; what
-happens on the host before the first decoder call and after the last is this class.
+OrtBackend and TrtBackend differ only in where the graphs run and how the KV cache is stored; the
+decode loop over that cache is blip3v.runtime.decoding's, and the sessions API on top of it
+(blip3v.runtime.session) is the same for every backend.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import AskMixin, SamplingConfig, record_timings
 from blip3v.runtime.manifest import Manifest
 from blip3v.runtime.tokenizer import PromptTokenizer
 
 
-def _shifted(on_token: Callable[[int, int], None], shift: int) -> Callable[[int, int], None]:
-    """on_token for a later chunk of rows: its row 0 is row `shift` of the whole batch."""
-    return lambda row, tok: on_token(row + shift, tok)
-
-
-class EngineHost(AskMixin):
+class EngineHost:
     """Host-side state and steps of an engine backend. Subclasses call `_read_manifest` first, set
-    `embed_dtype` (the decoder's inputs_embeds dtype) and implement `encode_video` and `generate`."""
+    `embed_dtype` (the decoder's inputs_embeds dtype) and implement `encode_video` and the decoder
+    interface of blip3v.runtime.decoding (new_cache, forward, copy_cache, chunked_prefill)."""
 
     embed_dtype: np.dtype
     max_batch: int | None = None  # rows per `generate` call; None: every row at once
@@ -45,6 +39,11 @@ class EngineHost(AskMixin):
         self.special_ids = {k: int(v) for k, v in manifest["special_token_ids"].items()}
         self.stop_ids = tuple(int(i) for i in manifest["stop_token_ids"])
         self.tokenizer = PromptTokenizer.from_manifest(manifest)
+        self.prompt_template = str(manifest["prompt"]["template"])
+        self.max_context = int(model["max_context"])
+        # What identifies this engine's answers: the hashes of every file it runs (clip cache keys).
+        files = sorted((name, str(entry.get("sha256"))) for name, entry in manifest["files"].items())
+        self.fingerprint = hashlib.sha256(repr(files).encode()).hexdigest()
 
         emb = manifest.raw["embeddings"]
         try:
@@ -72,6 +71,12 @@ class EngineHost(AskMixin):
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def encode_prompt(self, question: str) -> list[int]:
+        return self.tokenizer.encode_prompt(question)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
 
     def check_pixels(self, pixel_values: np.ndarray) -> None:
         expected = (self.num_frames, 3, self.image_size, self.image_size)
@@ -107,33 +112,3 @@ class EngineHost(AskMixin):
             out[i, at:at + m] = video[i]
             out[i, at + m:] = text[i, at + 1:]
         return out, mask
-
-    # -- what each backend runs ------------------------------------------------------------
-    def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
-                 on_token: Callable[[int, int], None] | None = None,
-                 marks: list[float] | None = None) -> list[list[int]]:
-        raise NotImplementedError
-
-    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
-                     on_token: Callable[[int, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[list[int]]:
-        """pixel_values (B, T, 3, S, S), one question per clip -> new token ids per row, `max_batch`
-        rows per `generate` call."""
-        if len(questions) != len(pixel_values):
-            raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
-        t0 = time.perf_counter()
-        video = self.encode_video(pixel_values)  # (B, M, D)
-        t1 = time.perf_counter()
-        chunk = self.max_batch or max(1, len(questions))
-        out: list[list[int]] = []
-        marks: list[float] = []  # the time the first prefill's logits reached the host
-        for start in range(0, len(questions), chunk):
-            rows = [self.tokenizer.encode_prompt(q) for q in questions[start:start + chunk]]
-            embeds, mask = self.splice(rows, video[start:start + chunk])
-            report = on_token if on_token is None or not start else _shifted(on_token, start)
-            out += self.generate(embeds, mask, sampling, on_token=report, marks=marks)
-        record_timings(timings, t0, t1, marks[0] if marks else None, time.perf_counter())
-        return out

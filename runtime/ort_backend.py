@@ -5,30 +5,30 @@
     -> decoder.onnx prefill -> KV-cached decode, one token per step, until a stop id or max_new_tokens
 
 Everything about the model comes from manifest.json (blip3v.runtime.manifest); this file never
-asks which model it runs. The KV cache is owned here: per layer one K and one V buffer of
-(B, Hkv, capacity, dh), allocated once per batch as OrtValues on the execution device and bound
-as both `past_*` and `present_*` through IO binding, so the graph (GroupQueryAttention or
-ScatterElements, see blip3v/export/graphs.py for the choice) writes the new slots in place and
-nothing is reallocated or copied whole between steps. capacity = prompt + max_new_tokens, at most
-the manifest's max_context. The prompt is prefilled in one call from the empty cache, then one
-token per call (the manifest's `calls` contract). Rows are left-padded; positions come from the
-attention mask, as in the PyTorch backend, so a padded row decodes exactly as it would alone.
+asks which model it runs. The KV cache is the runtime's (blip3v.runtime.decoding.KVCache); its
+storage here (`OrtCache`) is per layer one K and one V buffer of (B, Hkv, capacity, dh), allocated
+once per cache as OrtValues on the execution device and bound as both `past_*` and `present_*`
+through IO binding, so the graph (GroupQueryAttention or ScatterElements, see
+blip3v/export/graphs.py for the choice) writes the new slots in place and nothing is reallocated
+or copied whole between calls. A chunk of several tokens may follow a non-empty cache (a question
+after a clip's cached prefix) on the standard graph, and on the GQA graph at batch 1. Rows are
+left-padded; positions come from the attention mask, as in the PyTorch backend, so a padded row
+decodes exactly as it would alone.
 
-    from blip3v.runtime.ort_backend import OrtBackend
-    OrtBackend.load("engines/demo").ask("clip.mp4", "what colour does the square turn?")
+    from blip3v.runtime.session import Engine
+    Engine.open(engine="engines/demo").ask("clip.mp4", "what colour does the square turn?")
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.decoding import KVCache
 from blip3v.runtime.host import EngineHost
 from blip3v.runtime.hugepages import Backed, huge_pages
 from blip3v.runtime.manifest import Manifest, load_manifest
@@ -173,80 +173,97 @@ class OrtBackend(EngineHost):
         self.check_pixels(pixels)
         return self.visual.run([self.video_name], {self.pixel_name: pixels})[0]
 
-    def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
-                 on_token: Callable[[int, int], None] | None = None,
-                 marks: list[float] | None = None) -> list[list[int]]:
-        """Spliced embeddings (B, S, D) + left-padded mask (B, S) -> new token ids per row (stop id
-        dropped). `marks` gets the time after the prefill's logits are on the host."""
-        sample = Sampler(sampling)
-        batch, prompt = mask.shape
-        if prompt + sampling.max_new_tokens > self.max_context:
-            raise InputError(f"prompt of {prompt} tokens + {sampling.max_new_tokens} new tokens exceeds the "
-                             f"engine's context of {self.max_context}")
-        capacity = prompt + sampling.max_new_tokens
-        shape = (batch, self.kv_heads, capacity, self.head_dim)
-        # Zeroed (slots past the written ones are never attended, but stay finite). On the CPU the
-        # OrtValue wraps the numpy array's memory; on a GPU it is one upload per batch.
-        host = [np.zeros(shape, self.dtype) for _ in self.past_names]
-        caches = [ort.OrtValue.ortvalue_from_numpy(h, self.ort_device, 0) for h in host]
-        binding = self.decoder.io_binding()
-        for past, present, buf in zip(self.past_names, self.present_names, caches):
-            binding.bind_ortvalue_input(past, buf)
-            binding.bind_ortvalue_output(present, buf)  # same buffer: the update happens in place
-        logits = np.empty((batch, int(self.manifest.model["num_logits"])), self.dtype)  # (B, V+3)
-        binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
+    # -- the decoder interface (blip3v.runtime.decoding) -------------------------------------
+    def chunked_prefill(self, batch: int) -> bool:
+        """Can a call with S > 1 follow a non-empty cache? The standard graph always can. ORT's
+        GroupQueryAttention takes such a call ("interactive decoding") at batch 1 only, and
+        rotates at cache slots (export/gqa.py), which equal positions only for an unpadded row."""
+        return self.manifest["decoder"].get("attention") == "standard" or batch == 1
 
-        full_mask = np.zeros((batch, capacity), dtype=np.int64)  # (B, C): 1 = a real token in that slot
-        full_mask[:, :prompt] = mask
-        full_mask[:, prompt:] = 1  # every new slot holds a real token; a step binds the first `used` slots
-        positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, S)
-        # The prefill binds its own arrays; decode steps read buffers bound once and rewritten in place.
-        # Each step's host work runs right after the weights have streamed through the caches, where
-        # every Python line and numpy call costs several times what it costs warm (about 150 us a
-        # step measured on the 2-core dev box, 1 % of an INT4 step), so a step does the least it
-        # can: argmax, one row gathered into the bound buffer, a position bump, and the mask rebound
-        # at its new length. With B = 1 the mask's OrtValue for every length is made up front (views
-        # of `full_mask`): binding a ready OrtValue costs ~27 us cold against ~97 us for bind_input
-        # (240 us a step before).
-        prompt_embeds = np.ascontiguousarray(embeds, dtype=self.dtype)
-        binding.bind_cpu_input(self.embeds_name, prompt_embeds)
-        prompt_pos = np.ascontiguousarray(positions, dtype=np.int64)  # bound arrays stay alive until the run
-        binding.bind_cpu_input(self.position_name, prompt_pos)
-        step_embeds = np.empty((batch, 1, prompt_embeds.shape[-1]), self.dtype)
-        step_pos = np.ascontiguousarray(positions[:, -1:], dtype=np.int64)  # (B, 1), bumped before each step
-        masks = ([ort.OrtValue.ortvalue_from_numpy(full_mask[:, :prompt + i])  # host memory, no copy
-                  for i in range(sampling.max_new_tokens)] if batch == 1 else [])
-        greedy = sampling.temperature == 0
-        stop = set(self.stop_ids)
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        used = prompt
-        for step in range(sampling.max_new_tokens):
-            if batch == 1:
-                binding.bind_ortvalue_input(self.mask_name, masks[step])
-            else:
-                step_mask = np.ascontiguousarray(full_mask[:, :used])  # (B, L): kept alive while bound
-                binding.bind_cpu_input(self.mask_name, step_mask)
-            self.decoder.run_with_iobinding(binding)
-            tokens = logits.argmax(-1) if greedy else sample(logits)  # (B,)
-            if step == 0:
-                if marks is not None:
-                    marks.append(time.perf_counter())
-                binding.bind_ortvalue_input(self.embeds_name, ort.OrtValue.ortvalue_from_numpy(step_embeds))
-                binding.bind_ortvalue_input(self.position_name, ort.OrtValue.ortvalue_from_numpy(step_pos))
-            if batch == 1:  # accept_tokens' bookkeeping, inline
-                token = int(tokens[0])
-                if token in stop:
-                    break
-                out[0].append(token)
-                if on_token is not None:
-                    on_token(0, token)
-            elif accept_tokens(tokens, self.stop_ids, done, out, on_token):
-                break
-            if step == sampling.max_new_tokens - 1:
-                break
-            used += 1
-            step_pos += 1
-            step_embeds[:, 0] = self.embeddings[tokens]  # argmax/sampled ids < num_logits <= table rows
-        return out
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        if capacity > self.max_context:
+            raise InputError(f"a cache of {capacity} slots exceeds the engine's context of {self.max_context}")
+        return KVCache(self, OrtCache(self, batch, capacity), batch, capacity)
 
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return EngineHost.embed(self, ids)
+
+    def copy_cache(self, src: KVCache, dst: KVCache, slots: int) -> None:
+        for a, b in zip(src.storage.values, dst.storage.values):
+            if self.ort_device == "cpu":
+                b.numpy()[:, :, :slots] = a.numpy()[:, :, :slots]  # views of the bound host memory
+            else:  # no device-to-device copy in ORT's Python API: through the host, once per fork
+                full = b.numpy()
+                full[:, :, :slots] = a.numpy()[:, :, :slots]
+                b.update_inplace(full)
+
+    def forward(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A chunk of S tokens (prefill, or a later chunk on batch 1) -> the last column's logits."""
+        st: OrtCache = cache.storage
+        binding = st.binding
+        chunk = np.ascontiguousarray(embeds, dtype=self.dtype)  # bound arrays stay alive until the run
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        mask = np.ascontiguousarray(cache.mask[:, :cache.used])
+        binding.bind_cpu_input(self.embeds_name, chunk)
+        binding.bind_cpu_input(self.position_name, pos)
+        binding.bind_cpu_input(self.mask_name, mask)
+        st.step_bound = False
+        self.decoder.run_with_iobinding(binding)
+        return st.logits.copy()
+
+    def prepare_decode(self, cache: KVCache, steps: int) -> None:
+        """With B = 1 the mask's OrtValue for every length the next `steps` steps bind is made up
+        front (views of the cache's mask, no copy): binding a ready OrtValue costs ~27 us cold
+        against ~97 us for bind_input, right after a step has streamed the weights through the
+        caches (about 150 us of host work a step on the 2-core dev box, 1 % of an INT4 step)."""
+        st: OrtCache = cache.storage
+        if cache.batch == 1:
+            hi = min(cache.capacity, cache.used + steps)
+            st.masks = {n: ort.OrtValue.ortvalue_from_numpy(cache.mask[:, :n]) for n in range(cache.used + 1, hi + 1)}
+
+    def step(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token per row: the step buffers are bound once and rewritten in place."""
+        st: OrtCache = cache.storage
+        binding = st.binding
+        if not st.step_bound:
+            binding.bind_ortvalue_input(self.embeds_name, st.step_embeds_value)
+            binding.bind_ortvalue_input(self.position_name, st.step_pos_value)
+            st.step_bound = True
+        st.step_embeds[:, 0] = self.embeddings[tokens]  # sampled ids < num_logits <= table rows
+        st.step_pos[:] = positions
+        ready = st.masks.get(cache.used) if cache.batch == 1 else None
+        if ready is not None:
+            binding.bind_ortvalue_input(self.mask_name, ready)
+        else:
+            st.step_mask = np.ascontiguousarray(cache.mask[:, :cache.used])  # kept alive while bound
+            binding.bind_cpu_input(self.mask_name, st.step_mask)
+        self.decoder.run_with_iobinding(binding)
+        return st.logits
+
+
+class OrtCache:
+    """ONNX Runtime storage of a KVCache: per layer one K and one V buffer (B, Hkv, C, dh) as
+    OrtValues on the execution device, bound as both `past_*` and `present_*` of one IO binding, so
+    the graph writes the new slots in place and nothing is reallocated or copied between calls.
+    Zeroed: slots past the written ones are never attended, but stay finite. On the CPU each
+    OrtValue wraps a numpy array's memory; on a GPU it is one upload per cache."""
+
+    def __init__(self, backend: OrtBackend, batch: int, capacity: int):
+        shape = (batch, backend.kv_heads, capacity, backend.head_dim)
+        dtype = backend.dtype
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), backend.ort_device, 0)
+                       for _ in backend.past_names]
+        self.nbytes = sum(int(np.prod(shape)) * dtype.itemsize for _ in backend.past_names)
+        self.binding = backend.decoder.io_binding()
+        for past, present, buf in zip(backend.past_names, backend.present_names, self.values):
+            self.binding.bind_ortvalue_input(past, buf)
+            self.binding.bind_ortvalue_output(present, buf)  # same buffer: the update happens in place
+        self.logits = np.empty((batch, int(backend.manifest.model["num_logits"])), dtype)  # (B, V+3)
+        self.binding.bind_ortvalue_output(backend.logits_name, ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.step_embeds = np.empty((batch, 1, backend.embeddings.shape[1]), dtype)  # (B, 1, D)
+        self.step_pos = np.zeros((batch, 1), dtype=np.int64)
+        self.step_embeds_value = ort.OrtValue.ortvalue_from_numpy(self.step_embeds)
+        self.step_pos_value = ort.OrtValue.ortvalue_from_numpy(self.step_pos)
+        self.step_bound = False
+        self.step_mask: np.ndarray | None = None
+        self.masks: dict[int, ort.OrtValue] = {}

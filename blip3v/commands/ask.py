@@ -1,7 +1,8 @@
-"""`blip3v ask VIDEO QUESTION`: answer a question about a video.
+"""`blip3v ask VIDEO QUESTION...`: answer questions about a video, the clip decoded and encoded once.
 
-The PyTorch backend runs a checkpoint directory (`--model`, default: the shipped demo model);
-the ONNX Runtime / TensorRT backends run an exported engine directory (`--engine`).
+The PyTorch backend runs a checkpoint directory (`--model`, default: the shipped demo model); the
+ONNX Runtime / TensorRT backends run an exported engine directory (`--engine`). Every question
+after the first reuses the clip's encoding and its cached prompt prefix (blip3v.runtime.session).
 """
 
 from __future__ import annotations
@@ -12,23 +13,36 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+from blip3v.runtime.backends import BACKENDS
+
+
+def _check_seed(ctx, param, value):
+    if value is not None and not 0 <= value < 2**63:
+        raise click.BadParameter("must be in [0, 2^63)")
+    return value
+
+
+def _finite(ctx, param, value):
+    if value is not None and value != value:  # NaN passes click's range checks
+        raise click.BadParameter("must be a number, not nan")
+    return value
 
 
 def sampling_options(f):
-    """Generation options shared by `ask` and `eval`."""
-    f = click.option("--seed", type=int, default=None, help="Random seed for sampling (temperature > 0).")(f)
+    """Generation options shared by `ask`, `chat` and `eval`."""
+    f = click.option("--seed", type=int, default=None, callback=_check_seed,
+                     help="Random seed for sampling (temperature > 0), in [0, 2^63).")(f)
     f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-                     help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")(f)
-    f = click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="0 = greedy decoding (the reference behaviour); > 0 samples.")(f)
-    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+                     callback=_finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")(f)
+    f = click.option("--temperature", type=click.FloatRange(min=0, max=100), default=0.0, show_default=True,
+                     callback=_finite, help="0 = greedy decoding (the reference behaviour); > 0 samples.")(f)
+    f = click.option("--max-new-tokens", type=click.IntRange(min=1, max=4096), default=32, show_default=True,
                      help="Stop after this many generated tokens (also stops at <|end|> / eos).")(f)
     return f
 
 
 def torch_options(f):
-    """Options of the PyTorch backend's decoder (ignored by the engine backends)."""
+    """Options of the PyTorch backend's decoder (an engine's precision is fixed at export)."""
     f = click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), default="128", show_default=True,
                      help="INT4 quantization group size along the input dimension.")(f)
     f = click.option("--weights", type=click.Choice(["dense", "int4"]), default="dense", show_default=True,
@@ -41,81 +55,98 @@ def torch_options(f):
     return f
 
 
-def open_backend(model: str | None, engine: str | None, backend: str | None, device: str,
-                 dtype: str | None = None, decoder: str = "auto", weights: str = "dense", group_size: str = "128"):
-    """Resolves --model/--engine/--backend into a backend object with `.ask(...)`."""
+def model_options(f):
+    """--model / --engine / --backend / --device, shared by every command that answers."""
+    f = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="Where to run: cpu, cuda, or (onnxruntime only) the TensorRT execution provider.")(f)
+    f = click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                     help="Inference backend. Default: torch with --model, onnxruntime with --engine.")(f)
+    f = click.option("--engine", type=click.Path(path_type=str), default=None,
+                     help="Exported engine directory (from `blip3v export`); selects --backend onnxruntime.")(f)
+    f = click.option("--model", type=click.Path(path_type=str), default=None,
+                     help="Checkpoint directory (PyTorch backend). Default: the shipped demo model.")(f)
+    return f
+
+
+def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
+    """--model/--engine/--backend -> a blip3v.runtime.session.Engine."""
+    from blip3v.runtime.backends import open_host
+    from blip3v.runtime.session import Engine
+
+    options = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
+    return Engine(open_host(model, engine, backend, device, **options))
+
+
+def open_backend(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
+    """The Engine, for commands (eval) that take `load_video` / `answer_batch` / `decode`."""
+    return open_engine(model, engine, backend, device, dtype, decoder, weights, group_size)
+
+
+def check_video_arg(video: Path) -> None:
+    """Fails on a missing or unreadable video before any model loads."""
     from blip3v.errors import InputError
 
-    if model and engine:
-        raise InputError("give either --model (PyTorch checkpoint) or --engine (exported engine), not both")
-    if backend is None:
-        backend = "onnxruntime" if engine else "torch"
-    if backend == "torch":
-        if engine:
-            raise InputError("--backend torch runs a checkpoint: use --model DIR, not --engine")
-        import torch
+    if not video.exists():
+        raise InputError(f"{video}: no such file")
+    if video.is_dir():
+        raise InputError(f"{video}: is a directory, not a video")
 
-        from blip3v.assets import DEMO_MODEL
-        from blip3v.model.generate import TorchBackend
 
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            dtype or ("fp16" if device == "cuda" else "fp32")]
-        return TorchBackend.load(model or DEMO_MODEL, device=device, dtype=torch_dtype, decoder=decoder,
-                                 weights=weights, group_size=int(group_size))
-    if weights != "dense" or dtype is not None:
-        raise InputError("--weights/--dtype apply to the PyTorch backend; an engine's precision is fixed at export")
-    if not engine:
-        raise InputError(f"--backend {backend} runs an exported engine: give --engine DIR (see `blip3v export`)")
-    if backend == "onnxruntime":
-        from blip3v.runtime.ort_backend import OrtBackend
-
-        return OrtBackend.load(engine, device=device)
-    from blip3v.runtime.trt_backend import TrtBackend
-
-    return TrtBackend.load(engine)
+def answer_json(question: str, result) -> dict:
+    return {"question": question, "answer": result.text, "video_tokens": result.video_tokens,
+            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "reused_tokens": result.reused_tokens,
+            "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}
 
 
 @click.command("ask")
 @click.argument("video", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("question")
-@click.option("--model", type=click.Path(path_type=str), default=None,
-              help="Checkpoint directory (PyTorch backend). Default: the shipped demo model.")
-@click.option("--engine", type=click.Path(path_type=str), default=None,
-              help="Exported engine directory (from `blip3v export`); selects --backend onnxruntime.")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
-              help="Inference backend. Default: torch with --model, onnxruntime with --engine.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="Where to run: cpu, cuda, or (onnxruntime only) the TensorRT execution provider.")
+@click.argument("questions", nargs=-1)
+@click.option("-q", "--question", "extra", multiple=True, help="A question (repeatable); adds to QUESTIONS.")
+@model_options
 @torch_options
 @sampling_options
 @click.option("--json", "as_json", is_flag=True,
-              help="Print {answer, video_tokens, timings_ms} as JSON instead of streaming text.")
-def command(video: Path, question: str, model, engine, backend, device, decoder, dtype, weights, group_size,
-            max_new_tokens, temperature, top_p, seed, as_json: bool) -> None:
-    """Answer QUESTION about VIDEO (mp4/mkv/webm/avi/ts/gif or a still image).
+              help="Print one JSON object per question: {question, answer, video_tokens, finish_reason, "
+                   "prompt_tokens, reused_tokens, timings_ms}.")
+def command(video: Path, questions: tuple[str, ...], extra: tuple[str, ...], model, engine, backend, device, decoder,
+            dtype, weights, group_size, max_new_tokens, temperature, top_p, seed, as_json: bool) -> None:
+    """Answer each QUESTION about VIDEO (mp4/mkv/webm/avi/ts/gif or a still image).
+
+    The clip is decoded and encoded once; every question after the first prefills only its own
+    tokens on the clip's cached prompt prefix (see `reused_tokens` and `timings_ms` in --json).
 
     \b
     Examples:
       blip3v ask clip.mp4 "which way does the circle move?"
-      blip3v ask clip.mp4 "what colour does the square turn?" --json
-      blip3v ask clip.mp4 "what happens?" --engine engines/demo --device cpu
+      blip3v ask clip.mp4 "what colour does the square turn?" "how many shapes are there?" --json
+      blip3v ask clip.mp4 -q "what happens?" --engine engines/demo --device cpu
     """
+    from blip3v.errors import InputError
     from blip3v.runtime.generation import SamplingConfig
 
+    asked = list(questions) + list(extra)
+    if not asked:
+        raise InputError("give at least one question (QUESTION arguments or -q)")
+    for q in asked:
+        if not q.strip():
+            raise InputError("the question is empty")
+    check_video_arg(video)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    runner = open_backend(model, engine, backend, device, dtype, decoder, weights, group_size)
-    if as_json:
-        result = runner.ask(video, question, sampling)
-        click.echo(json.dumps({
-            "answer": result.text,
-            "video_tokens": result.video_tokens,
-            "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
-        }))
-        return
-
-    def show(text: str) -> None:
-        sys.stdout.write(text)
+    sampling.validate()
+    runner = open_engine(model, engine, backend, device, dtype, decoder, weights, group_size)
+    clip = runner.clip(video)
+    for question in asked:
+        if as_json:
+            click.echo(json.dumps(answer_json(question, clip.ask(question, sampling))))
+            continue
+        if len(asked) > 1:
+            click.echo(f"Q: {question}")
+        clip.ask(question, sampling, on_text=_show)
+        sys.stdout.write("\n")
         sys.stdout.flush()
 
-    result = runner.ask(video, question, sampling, on_text=show)
-    sys.stdout.write("\n")
+
+def _show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,54 @@
+"""Which backend answers: a checkpoint (PyTorch) or an exported engine (ONNX Runtime, TensorRT).
+
+torch is imported only for a checkpoint, so the engine path stays torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from blip3v.errors import InputError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+TORCH_ONLY_OPTIONS = ("dtype", "decoder", "weights", "group_size")
+
+
+def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
+              backend: str | None = None, device: str = "cpu", **options: Any) -> Any:
+    """--model / --engine / --backend -> a backend object (a "host" of blip3v.runtime.session).
+    No --model and no --engine: the shipped demo model on the PyTorch backend."""
+    if model is not None and not str(model).strip():
+        raise InputError("--model is empty: give a checkpoint directory (or leave it out for the demo model)")
+    if engine is not None and not str(engine).strip():
+        raise InputError("--engine is empty: give an engine directory from `blip3v export`")
+    if model and engine:
+        raise InputError("give either --model (PyTorch checkpoint) or --engine (exported engine), not both")
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend is None:
+        backend = "onnxruntime" if engine else "torch"
+    if backend == "torch":
+        if engine:
+            raise InputError("--backend torch runs a checkpoint: use --model DIR, not --engine")
+        from blip3v.model.generate import TorchBackend
+
+        if model is None:
+            from blip3v.assets import DEMO_MODEL
+
+            model = DEMO_MODEL
+        return TorchBackend.load(Path(model), device=device, **options)
+    given = [k for k in TORCH_ONLY_OPTIONS if options.get(k) not in (None, "dense", "auto", "128", 128)]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} applies to the PyTorch backend; an engine's precision "
+                         "is fixed at export")
+    if not engine:
+        raise InputError(f"--backend {backend} runs an exported engine: give --engine DIR (see `blip3v export`)")
+    if backend == "onnxruntime":
+        from blip3v.runtime.ort_backend import OrtBackend
+
+        return OrtBackend.load(engine, device=device)
+    from blip3v.runtime.trt_backend import TrtBackend
+
+    return TrtBackend.load(engine)

@@ -26,6 +26,7 @@ from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
 from blip3v.runtime.decoding import KVCache
+from blip3v.runtime.session import HostConveniences
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ class DynamicStorage:
 DECODERS = ("auto", "reference", "static")
 
 
-class TorchBackend:
+class TorchBackend(HostConveniences):
     """Checkpoint -> answers, on the PyTorch reference model: a host of blip3v.runtime.session and a
     decoder of blip3v.runtime.decoding.
 

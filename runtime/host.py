@@ -15,10 +15,11 @@ import numpy as np
 
 from blip3v.errors import EngineError, InputError
 from blip3v.runtime.manifest import Manifest
+from blip3v.runtime.session import HostConveniences
 from blip3v.runtime.tokenizer import PromptTokenizer
 
 
-class EngineHost:
+class EngineHost(HostConveniences):
     """Host-side state and steps of an engine backend. Subclasses call `_read_manifest` first, set
     `embed_dtype` (the decoder's inputs_embeds dtype) and implement `encode_video` and the decoder
     interface of blip3v.runtime.decoding (new_cache, forward, copy_cache, chunked_prefill)."""

@@ -241,6 +241,20 @@ class Engine:
         return self.host.load_video(path)
 
 
+class HostConveniences:
+    """`answer_batch` and `ask` on a backend itself, for scripts and tests that hold a backend: thin
+    calls into the session API above (no loop of their own)."""
+
+    def answer_batch(self, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
+                     on_token: Callable[[int, int], bool | None] | None = None,
+                     timings: dict[str, float] | None = None) -> list[list[int]]:
+        return answer_batch(self, pixel_values, questions, sampling, on_token, timings)
+
+    def ask(self, video: VideoSource, question: str, sampling: SamplingConfig | None = None,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        return Engine(self).ask(video, question, sampling, on_text)
+
+
 def answer_batch(host: Any, pixel_values: np.ndarray, questions: list[str], sampling: SamplingConfig,
                  on_token: Callable[[int, int], bool | None] | None = None,
                  timings: dict[str, float] | None = None) -> list[list[int]]:

@@ -76,3 +76,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert err.startswith("error: "), err
     for frag in fragments:
         assert frag.lower() in err.lower(), (frag, err)
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory) -> Path:
+    """The shipped demo model exported once per test session (fp32, GQA decoder)."""
+    from blip3v.assets import DEMO_MODEL
+
+    out = tmp_path_factory.mktemp("demo-engine") / "engine"
+    proc = run_cli("export", "--model", DEMO_MODEL, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -36,7 +36,8 @@ def test_ask_json_on_a_real_clip(tiny_ckpt, synth_dir):
     proc = run_cli("ask", clip, "what colour is the square?", "--model", tiny_ckpt, "--json", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"answer", "video_tokens", "timings_ms"}
+    assert set(out) == {"question", "answer", "video_tokens", "finish_reason", "prompt_tokens", "reused_tokens",
+                        "timings_ms"}
     assert out["video_tokens"] == 16
     assert set(out["timings_ms"]) == {"decode_video", "visual", "prefill", "generate"}
     assert all(v > 0 for v in out["timings_ms"].values())

@@ -183,7 +183,7 @@ def test_ask_streams_text_and_reports_timings(backends, clip):
 
 def test_prompt_longer_than_context_is_an_input_error(backends):
     _, ob = backends
-    with pytest.raises(InputError, match="exceeds the engine's context"):
+    with pytest.raises(InputError, match="exceeds the model's context"):
         ob.answer_batch(pixels(backends[0], 1), ["what happens?"], SamplingConfig(max_new_tokens=ob.max_context))
 
 

@@ -216,3 +216,40 @@ def make_lm(out, size, layers, seed) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     click.echo(f"wrote {target} (Phi-3 {size}, {layers} layers, random weights)")
+
+
+@command.command("session")
+@click.option("--engine", type=click.Path(file_okay=False), default=None,
+              help="Engine directory to time. Default: export --model first.")
+@click.option("--model", type=click.Choice(["demo", "real"]), default="demo", show_default=True,
+              help="Without --engine: the shipped demo model, or the released architecture with random weights.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Decoder layers of --model real (cut for a CPU).")
+@click.option("--video", type=click.Path(dir_okay=False), default=None, help="Clip to ask about (default: the sample clip).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Rounds of 4 questions, each on a cold clip.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--results", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table into this markdown file (benchmarks/RESULTS.md) under its own heading.")
+@click.option("--quiet", is_flag=True, help="No per-round lines on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def session(engine, model, layers, video, repeats, new_tokens, results, quiet, as_json) -> None:
+    """Time to first token of follow-up questions on one clip against the first question.
+
+    The first question decodes and encodes the clip and prefills the whole prompt; a follow-up
+    reuses both and prefills only its own tokens (blip3v.runtime.session).
+
+    \b
+    Examples:
+      blip3v bench session                              # the demo model, exported for this run
+      blip3v bench session --model real --layers 2      # released sizes, random weights
+      blip3v bench session --engine engines/demo --json
+    """
+    from blip3v.benchmarks.bench_session import run_session_bench, table
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = run_session_bench(engine, model, layers, video, repeats, new_tokens, log)
+    text = table(result)
+    if results:
+        name = result["engine"] if engine else model
+        _write_results(results, f"Session reuse: {name}", f"`{_command_line()}`\n\n{text}\n")
+    click.echo(json.dumps(result) if as_json else text)

@@ -5,9 +5,14 @@ A checkpoint directory holds `config.json`, `model-0000k-of-0000n.safetensors` s
 with the released key names (`vlm.vision_encoder.*`, `vlm.vision_tokenizer.*`,
 `vlm.vision_tokenizer.temporal_encoder.*`, `vlm.lang_model.*`).
 
-Loading is lazy: the model is built on the meta device and each tensor is read from the
+Loading checks before it allocates: config.json and the index are validated (one-line
+`CheckpointError`s naming the file and key), the model is built on the meta device, tensor names,
+shapes and dtypes are compared from the shard headers, and only then is each tensor read from the
 memory-mapped shard straight into its slot (`assign=True`), so a 17 GB checkpoint needs ~1x RAM.
-Saving writes to a temporary sibling folder and renames it into place when complete.
+Each tensor read is checked (cheaply) for being entirely NaN/Inf or, for a matrix, all zeros.
+Temporal-encoder names of the authors' training code (`.gttm.`, `.ttm.`, `.tts.`) load as
+`.temporal_encoder.`. Saving fills a temporary sibling folder that replaces the target atomically
+(`blip3v.atomic.atomic_dir`).
 
     python -c "from blip3v.model.checkpoint import load_checkpoint; load_checkpoint('DIR')"
 """
@@ -15,22 +20,33 @@ Saving writes to a temporary sibling folder and renames it into place when compl
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from blip3v.atomic import atomic_dir
 from blip3v.errors import CheckpointError
-from blip3v.model.config import XGenMMConfig
+from blip3v.model.config import ConfigCheck, XGenMMConfig, read_json
 from blip3v.model.xgenmm import XGenMMVideoModel
+
+try:  # transformers' config classes validate through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # older huggingface_hub
+    class _StrictDataclassError(Exception):
+        pass
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+INDEX_MAX_BYTES = 64 << 20  # the released 4B model's index is ~90 kB
 MAX_LISTED = 6  # keys named in an error message before "... and N more"
+TEMPORAL_ALIASES = ("gttm", "ttm", "tts")  # module names the authors' code uses for temporal_encoder
+WIDENS_EXACTLY = ("F32", "F16", "BF16")  # safetensors dtypes a float32 weight is loaded from
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+SAMPLE = 64  # elements looked at per tensor before a full pass is needed (see `degenerate`)
 
 
 def _listing(keys: list[str]) -> str:
@@ -40,11 +56,10 @@ def _listing(keys: list[str]) -> str:
 
 def save_checkpoint(model: XGenMMVideoModel, directory: str | Path, tokenizer=None,
                     max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Writes `model` (float32, released keys) and its tokenizer into `directory`, atomically."""
+    """Writes `model` (float32, released keys) and its tokenizer into `directory`, atomically:
+    everything goes into a temporary sibling that replaces `directory` only once complete."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -66,40 +81,153 @@ def save_checkpoint(model: XGenMMVideoModel, directory: str | Path, tokenizer=No
         model.config.save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
-def _weight_map(directory: Path) -> dict[str, Path]:
+def read_weight_map(directory: Path) -> dict[str, Path]:
+    """{stored tensor name: shard path} from the index (validated) or from a single file's header."""
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
-        missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
-        if missing_files:
-            raise CheckpointError(f"{directory}: shard files listed in the index are missing: {_listing(missing_files)}")
-        return {k: directory / f for k, f in weight_map.items()}
+        return _read_index(directory, index_path)
     single = directory / SINGLE_NAME
     if single.is_file():
         try:
             with safe_open(str(single), framework="pt") as f:
                 return {k: single for k in f.keys()}
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{single}: corrupt safetensors file ({exc})") from None
+            raise CheckpointError(f"{single}: corrupt safetensors file ({_first_line(exc)})") from None
     raise CheckpointError(f"{directory}: no {INDEX_NAME} or {SINGLE_NAME} (no weights)")
+
+
+def has_weights(directory: Path) -> bool:
+    return (directory / INDEX_NAME).is_file() or (directory / SINGLE_NAME).is_file()
+
+
+def _read_index(directory: Path, index_path: Path) -> dict[str, Path]:
+    """`model.safetensors.index.json`: UTF-8 JSON, `weight_map` an object of tensor name -> shard file
+    name inside `directory`. Each fault is one line naming the file and the key."""
+    check = ConfigCheck(str(index_path))
+    index = read_json(index_path, "not a valid safetensors index", INDEX_MAX_BYTES)
+    if not isinstance(index, dict):
+        check.fail("(top level)", "a JSON object with a weight_map", index)
+    metadata = check.section(index, "", "metadata", nullable=True)
+    total = metadata.get("total_size")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or not total >= 0):
+        check.fail("metadata.total_size", "a byte count", total)
+    if "weight_map" not in index:
+        check.fail("weight_map", "an object mapping tensor names to shard files")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        check.fail("weight_map", "an object mapping tensor names to shard files", weight_map)
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not _inside(name):
+            check.fail(f"weight_map[{key!r}]", "a shard file name inside the checkpoint directory", name)
+    missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+    if missing_files:
+        raise CheckpointError(f"{directory}: shard files listed in the index are missing: {_listing(missing_files)}")
+    return {k: directory / f for k, f in weight_map.items()}
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays in the directory: no absolute path, drive, `..`, backslash or NUL.
+    Judged on the name alone: the shards of a hub snapshot are symlinks into a blob store."""
+    path = PurePosixPath(name)
+    return (bool(name) and "\\" not in name and "\0" not in name and not path.is_absolute()
+            and not PureWindowsPath(name).drive and ".." not in path.parts and path.name not in ("", "."))
+
+
+def canonical_names(stored: list[str] | dict[str, Path], source: str | Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Maps each stored tensor name to the released name. The authors' own inference loader renames
+    `.gttm.`, `.ttm.` and `.tts.` to `.temporal_encoder.` before loading (SalesforceAIResearch/strefer,
+    blip-3-strefer/open_flamingo/inference/run_inference_video_qa_with_mask.py), so checkpoints from
+    their training code may name the temporal module that way; the same replacements, in the same
+    order, are applied here. Returns ({released name: stored name}, {alias: keys renamed})."""
+    names: dict[str, str] = {}
+    renamed: dict[str, int] = {}
+    for key in stored:
+        name = key
+        for alias in TEMPORAL_ALIASES:
+            if f".{alias}." in name:
+                name = name.replace(f".{alias}.", ".temporal_encoder.")
+                renamed[alias] = renamed.get(alias, 0) + 1
+        if name in names:
+            raise CheckpointError(f"{source}: tensors {names[name]} and {key} both load as {name}")
+        names[name] = key
+    return names, {alias: renamed[alias] for alias in TEMPORAL_ALIASES if alias in renamed}
+
+
+def build_meta_model(cfg: XGenMMConfig, source: str | Path, attn_implementation: str = "sdpa") -> XGenMMVideoModel:
+    """The model on the meta device (no memory). `XGenMMConfig.from_dict` has checked every field the
+    model code reads; transformers' config classes also receive the fields a released config carries
+    for them, and may reject those: that is a config fault too, reported on one line."""
+    try:
+        with torch.device("meta"):
+            return XGenMMVideoModel(cfg, attn_implementation=attn_implementation)
+    except (ValueError, TypeError, KeyError, AttributeError, _StrictDataclassError) as exc:
+        raise CheckpointError(f"{source}: config.json does not build the model "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_headers(by_file: dict[Path, list[tuple[str, str]]], expected: dict[str, torch.Tensor],
+                   directory: Path) -> None:
+    """Shape and dtype of every tensor from the shard headers, before any tensor data is read."""
+    absent, mis_shaped, mis_typed = [], [], []
+    for path, pairs in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for name, key in pairs:
+                    if key not in present:
+                        absent.append(f"{key} (in {path.name})")
+                        continue
+                    header = f.get_slice(key)
+                    shape, stored = tuple(header.get_shape()), header.get_dtype()
+                    want = expected[name]
+                    if shape != tuple(want.shape):
+                        mis_shaped.append(f"{key} {shape} != {tuple(want.shape)}")
+                    if not _dtype_fits(stored, want.dtype):
+                        mis_typed.append(f"{key} {stored}")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors shard ({_first_line(exc)})") from None
+    if absent:
+        raise CheckpointError(f"{directory}: tensors the index lists are not in their shard: {_listing(absent)}")
+    if mis_shaped:
+        raise CheckpointError(f"{directory}: mis-shaped keys: {_listing(mis_shaped)}")
+    if mis_typed:
+        raise CheckpointError(f"{directory}: tensors of the wrong dtype (expected F32; F16 and BF16 are "
+                              f"widened exactly): {_listing(mis_typed)}")
+
+
+def _dtype_fits(stored: str, want: torch.dtype) -> bool:
+    """The model is float32. F16 and BF16 widen to it exactly, so half-precision checkpoints load;
+    F64 would round and 8-bit floats need scales this loader does not know, so neither is taken,
+    nor any integer or bool type where a float belongs."""
+    if want.is_floating_point:
+        return stored in WIDENS_EXACTLY
+    return SAFETENSORS_DTYPES.get(stored) == want
+
+
+def degenerate(tensor: torch.Tensor) -> str | None:
+    """'entirely NaN/Inf', 'all zeros' (2-D weight matrices only) or None.
+
+    Cheap: a strided sample of `SAMPLE` elements settles the question for any healthy tensor; only a
+    tensor whose sample is all non-finite (or all zero) gets the full pass. Biases and norm offsets
+    are legitimately zero, so the zero test is for matrices only."""
+    flat = tensor.reshape(-1)  # (numel,) a view of the contiguous tensor
+    n = flat.numel()
+    if n == 0:
+        return None
+    sample = flat[:: max(1, n // SAMPLE)]  # (<= 2 * SAMPLE,)
+    if not bool(torch.isfinite(sample).any()) and not bool(torch.isfinite(flat).any()):
+        return "entirely NaN/Inf"
+    if tensor.dim() == 2 and not bool(sample.any()) and not bool(flat.any()):
+        return "all zeros"
+    return None
 
 
 def _materialise_buffers(model: XGenMMVideoModel) -> None:
@@ -122,18 +250,22 @@ def _materialise_buffers(model: XGenMMVideoModel) -> None:
 
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None,
                     attn_implementation: str = "sdpa") -> XGenMMVideoModel:
-    """Builds the model from `config.json` and loads the shards lazily. Any missing, unexpected
-    or mis-shaped key raises one `CheckpointError` that names them."""
+    """Builds the model from `config.json` and loads the shards lazily.
+
+    Order, so that nothing is allocated before it is checked: config.json (validated), the index
+    (validated), the model on the meta device, tensor names (missing / unexpected, authors' names
+    mapped), every shard header (shape, dtype), then the data (no tensor entirely NaN/Inf, no weight
+    matrix all zeros). Each fault raises one `CheckpointError` line naming the file or the keys."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     cfg = XGenMMConfig.load(directory)
-    with torch.device("meta"):
-        model = XGenMMVideoModel(cfg, attn_implementation=attn_implementation)
+    weight_map = read_weight_map(directory)
+    names, _ = canonical_names(weight_map, directory)
+    model = build_meta_model(cfg, directory / "config.json", attn_implementation)
     expected = model.state_dict()
-    weight_map = _weight_map(directory)
-    missing = sorted(set(expected) - set(weight_map))
-    unexpected = sorted(set(weight_map) - set(expected))
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(names[n] for n in set(names) - set(expected))
     problems = []
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
@@ -142,24 +274,28 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None,
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not fit its config; " + "; ".join(problems))
 
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, key in names.items():
+        by_file.setdefault(weight_map[key], []).append((name, key))
+    _check_headers(by_file, expected, directory)
+
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key, path in weight_map.items():
-        by_file.setdefault(path, []).append(key)
-    mis_shaped = []
-    for path, keys in by_file.items():
+    damaged = []
+    for path, pairs in by_file.items():
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in keys:
+                for name, key in pairs:
                     tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        mis_shaped.append(f"{key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}")
+                    fault = degenerate(tensor)
+                    if fault:
+                        damaged.append(f"{key} ({fault})")
                         continue
-                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                    want = expected[name].dtype
+                    state[name] = tensor.to(dtype or want) if want.is_floating_point else tensor
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors shard ({exc})") from None
-    if mis_shaped:
-        raise CheckpointError(f"{directory}: mis-shaped keys: {_listing(mis_shaped)}")
+            raise CheckpointError(f"{path}: corrupt safetensors shard ({_first_line(exc)})") from None
+    if damaged:
+        raise CheckpointError(f"{directory}: damaged weights: {_listing(damaged)}")
     model.load_state_dict(state, strict=True, assign=True)
     _materialise_buffers(model)
     if dtype is not None:
@@ -176,4 +312,5 @@ def load_tokenizer(directory: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
-        raise CheckpointError(f"{directory}: cannot load the tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"{directory}: cannot load the tokenizer ({type(exc).__name__}: {_first_line(exc)})") from None

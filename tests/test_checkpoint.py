@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -82,11 +83,11 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _rewrite_shard(ckpt: Path, edit) -> None:
-    """Applies `edit(dict)` to the tensors of the shard holding `latents`, keeping the index in sync."""
+def _rewrite_shard(ckpt: Path, edit, key: str = "vlm.vision_tokenizer.latents") -> None:
+    """Applies `edit(dict)` to the tensors of the shard holding `key`, keeping the index in sync."""
     index_path = ckpt / INDEX_NAME
     index = json.loads(index_path.read_text())
-    shard = index["weight_map"]["vlm.vision_tokenizer.latents"]
+    shard = index["weight_map"][key]
     with safe_open(str(ckpt / shard), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     edit(tensors)
@@ -133,6 +134,190 @@ def test_corrupt_and_missing_files(tiny_ckpt, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def _rename_all(ckpt: Path, rename) -> int:
+    """Renames tensors in every shard and in the index with `rename(key)`; returns how many changed."""
+    index_path = ckpt / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    changed = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(ckpt / shard), framework="pt") as f:
+            tensors = {rename(k): f.get_tensor(k) for k in f.keys()}
+            changed += sum(rename(k) != k for k in f.keys())
+        save_file(tensors, str(ckpt / shard))
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    return changed
+
+
+def _latents(ckpt: Path) -> torch.Tensor:
+    index = json.loads((ckpt / INDEX_NAME).read_text())
+    with safe_open(str(ckpt / index["weight_map"]["vlm.vision_tokenizer.latents"]), framework="pt") as f:
+        return f.get_tensor("vlm.vision_tokenizer.latents")
+
+
+# -- dtypes of stored tensors --------------------------------------------------------------
+
+def test_half_precision_tensors_widen_exactly(tiny_ckpt, tmp_path):
+    """The model is float32; F16 / BF16 shards load by exact widening (every half value is a float32)."""
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    original = _latents(ckpt)
+    norm = "vlm.vision_tokenizer.norm.weight"
+    _rewrite_shard(ckpt, lambda t: t.update({"vlm.vision_tokenizer.latents": t["vlm.vision_tokenizer.latents"].half()}))
+    _rewrite_shard(ckpt, lambda t: t.update({norm: t[norm].bfloat16()}), key=norm)
+    model = load_checkpoint(ckpt)
+    latents = model.vlm.vision_tokenizer.latents
+    assert latents.dtype == torch.float32 and model.vlm.vision_tokenizer.norm.weight.dtype == torch.float32
+    assert torch.equal(latents, original.half().float())
+    assert not torch.equal(latents, original)  # the shard really held half precision
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.int8, "I8"), (torch.int32, "I32"), (torch.float64, "F64"),
+                                         (torch.bool, "BOOL"), (torch.uint8, "U8")])
+def test_wrong_dtype_is_named_before_data_is_read(tiny_ckpt, tmp_path, dtype, name):
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    _rewrite_shard(ckpt, lambda t: t.update({"vlm.vision_tokenizer.latents": t["vlm.vision_tokenizer.latents"]
+                                             .to(dtype)}))
+    with pytest.raises(CheckpointError, match=rf"wrong dtype .*: vlm\.vision_tokenizer\.latents {name}$") as info:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(info.value)
+
+
+# -- non-finite and all-zero weights ---------------------------------------------------------
+
+@pytest.mark.parametrize("fill, fault", [(float("nan"), "entirely NaN/Inf"), (float("inf"), "entirely NaN/Inf"),
+                                         (-float("inf"), "entirely NaN/Inf"), (0.0, "all zeros")])
+def test_degenerate_weight_matrix_is_named(tiny_ckpt, tmp_path, fill, fault):
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    _rewrite_shard(ckpt, lambda t: t.update({"vlm.vision_tokenizer.latents":
+                                             torch.full_like(t["vlm.vision_tokenizer.latents"], fill)}))
+    with pytest.raises(CheckpointError, match=rf"damaged weights: vlm\.vision_tokenizer\.latents \({fault}\)"):
+        load_checkpoint(ckpt)
+
+
+def test_mixed_nan_inf_vector_is_caught_and_a_zero_bias_is_not(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    norm = "vlm.vision_tokenizer.norm.weight"
+    bias = "vlm.vision_tokenizer.norm.bias"
+
+    def damage(t):
+        w = torch.full_like(t[norm], float("nan"))
+        w[::3] = float("inf")
+        t[norm] = w
+        t[bias] = torch.zeros_like(t[bias])  # biases are legitimately zero: no error for 1-D tensors
+    _rewrite_shard(ckpt, damage, key=norm)
+    with pytest.raises(CheckpointError,
+                       match=r"damaged weights: vlm\.vision_tokenizer\.norm\.weight \(entirely NaN/Inf\)$"):
+        load_checkpoint(ckpt)
+
+
+def test_a_single_finite_value_is_found_by_the_full_pass(tiny_ckpt, tmp_path):
+    """The strided sample misses this one finite element; the full pass that follows finds it, so a
+    tensor is only called entirely NaN when it is (and a partly-NaN tensor loads: the check is cheap,
+    not a full audit; non-finite logits are caught at generation)."""
+    from blip3v.model.checkpoint import SAMPLE, degenerate
+
+    t = torch.full((SAMPLE * 10 + 3,), float("nan"))
+    t[7] = 1.0  # off the sample's stride
+    assert degenerate(t) is None
+    m = torch.zeros(40, 50)
+    m[3, 11] = 1e-30
+    assert degenerate(m) is None
+    assert degenerate(torch.zeros(40, 50)) == "all zeros" and degenerate(torch.zeros(50)) is None
+
+
+def test_all_zero_checkpoint_fails_to_load(tiny_ckpt, tmp_path):
+    """The issue's "weights all zero give an empty answer with exit 0": every matrix zero is named."""
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    index = json.loads((ckpt / INDEX_NAME).read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(ckpt / shard), framework="pt") as f:
+            tensors = {k: torch.zeros_like(f.get_tensor(k)) for k in f.keys()}
+        save_file(tensors, str(ckpt / shard))
+    with pytest.raises(CheckpointError, match=r"damaged weights: .*\(all zeros\) .*\.\.\. and \d+ more$"):
+        load_checkpoint(ckpt)
+
+
+def test_cli_nan_and_int8_weights_are_one_line_errors(tiny_ckpt, tmp_path):
+    from conftest import ROOT, assert_one_line_error, run_cli
+
+    clip = ROOT / "blip3v" / "assets" / "sample.mp4"
+    nan = _copy(tiny_ckpt, tmp_path / "nan")
+    _rewrite_shard(nan, lambda t: t.update({"vlm.vision_tokenizer.latents":
+                                            torch.full_like(t["vlm.vision_tokenizer.latents"], float("nan"))}))
+    assert_one_line_error(run_cli("ask", clip, "what happens?", "--model", nan), "vlm.vision_tokenizer.latents",
+                          "entirely NaN/Inf")
+    int8 = _copy(tiny_ckpt, tmp_path / "int8")
+    _rewrite_shard(int8, lambda t: t.update({"vlm.vision_tokenizer.latents":
+                                             t["vlm.vision_tokenizer.latents"].to(torch.int8)}))
+    assert_one_line_error(run_cli("ask", clip, "what happens?", "--model", int8), "vlm.vision_tokenizer.latents I8")
+
+
+# -- the authors' temporal-module names ------------------------------------------------------
+
+@pytest.mark.parametrize("alias", ["gttm", "ttm", "tts"])
+def test_authors_temporal_names_load_and_inspect_reports_them(tiny_ckpt, tmp_path, alias):
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    renamed = _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.", f".{alias}."))
+    assert renamed > 10
+    keys = _all_keys(ckpt)
+    assert not any(".temporal_encoder." in k for k in keys) and f"vlm.vision_tokenizer.{alias}.initial_memory" in keys
+    model = load_checkpoint(ckpt)
+    reference = load_checkpoint(tiny_ckpt).state_dict()
+    state = model.state_dict()
+    assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+
+    from blip3v.model.checkpoint import canonical_names, read_weight_map
+
+    assert canonical_names(read_weight_map(ckpt), ckpt)[1] == {alias: renamed}
+    assert canonical_names(read_weight_map(tiny_ckpt), tiny_ckpt)[1] == {}
+
+
+def test_inspect_reports_renamed_keys(tiny_ckpt, tmp_path):
+    from conftest import run_cli
+
+    ckpt = _copy(tiny_ckpt, tmp_path / "c")
+    gttm = _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.ttm_unit.", ".gttm.ttm_unit."))
+    tts = _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.", ".tts."))
+    proc = run_cli("inspect", ckpt, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["renamed_keys"] == {"gttm": gttm, "tts": tts}
+    proc = run_cli("inspect", ckpt)
+    assert proc.returncode == 0, proc.stderr
+    assert f"keys loaded as .temporal_encoder.: {gttm:,} named .gttm., {tts:,} named .tts." in proc.stdout
+
+
+def test_unknown_and_colliding_names_are_still_rejected(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path / "unknown")
+    _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.", ".ttm_encoder."))  # not an authors' name
+    with pytest.raises(CheckpointError, match=r"missing keys: .*temporal_encoder.*unexpected keys: .*ttm_encoder"):
+        load_checkpoint(ckpt)
+    ckpt = _copy(tiny_ckpt, tmp_path / "collide")
+    _rewrite_shard(ckpt, lambda t: t.update({"vlm.vision_tokenizer.gttm.latents_extra": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: vlm\.vision_tokenizer\.gttm\.latents_extra"):
+        load_checkpoint(ckpt)
+    key = "vlm.vision_tokenizer.temporal_encoder.initial_memory"
+    _rewrite_shard(ckpt, lambda t: t.update({"vlm.vision_tokenizer.gttm.initial_memory": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match=rf"vlm\.vision_tokenizer\.gttm\.initial_memory .*both load as {key}"):
+        load_checkpoint(ckpt)
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+def test_save_replaces_an_existing_checkpoint_atomically(tmp_path):
+    from blip3v.model.checkpoint import save_checkpoint
+    from blip3v.model.xgenmm import XGenMMVideoModel
+
+    cfg = XGenMMConfig.load(make_tiny_checkpoint(tmp_path / "ck", temporal="tl"))
+    torch.manual_seed(1)
+    other = XGenMMVideoModel(cfg)
+    (tmp_path / "ck" / "stale-file").write_text("from the first save")
+    save_checkpoint(other, tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary or aside folder left
+    assert not (tmp_path / "ck" / "stale-file").exists()
+    reloaded = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(reloaded.vlm.vision_tokenizer.latents, other.vlm.vision_tokenizer.latents)
+
+
 def test_released_config_naming_only_hub_ids_loads():
     raw = {
         "model_type": "xgenmm",
@@ -158,6 +343,7 @@ def test_sentencepiece_llama_tokenizer_path(tmp_path):
     from blip3v.model.tokenizer import base_vocab_size, check_tokenizer, special_token_ids
     from blip3v.model.xgenmm import XGenMMVideoModel
     from blip3v.runtime.generation import SamplingConfig
+    from blip3v.runtime.session import Engine
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join([
@@ -197,9 +383,9 @@ def test_sentencepiece_llama_tokenizer_path(tmp_path):
     backend = TorchBackend.load(ckpt)
     prompt_ids = tok("<|user|>\n<image>\nwhat colour?<|end|>", add_special_tokens=False)["input_ids"]
     assert ids["image"] in prompt_ids and ids["user"] == prompt_ids[0]
-    pixels = torch.randn(1, cfg.num_frames, 3, cfg.image_size, cfg.image_size).numpy()
-    out = backend.answer_batch(pixels, ["what colour does the square turn?"], SamplingConfig(max_new_tokens=3))
-    assert len(out) == 1 and len(out[0]) <= 3
+    frames = np.random.default_rng(0).integers(0, 256, (cfg.num_frames, 48, 48, 3), dtype=np.uint8)  # (T, H, W, 3)
+    answer = Engine(backend).clip(frames).ask("what colour does the square turn?", SamplingConfig(max_new_tokens=3))
+    assert len(answer.token_ids) <= 3
 
 
 def test_tokenizer_config_disagreement_is_an_error(tiny_ckpt, tmp_path):

@@ -15,19 +15,27 @@ def command(target: str, as_json: bool) -> None:
     """Show the config and parameter counts of PRESET_OR_DIR.
 
     PRESET_OR_DIR is a preset name (e.g. xgen-mm-vid-128, tiny-gttm) or a checkpoint directory.
-    Presets are built on the meta device, so full-size ones cost no memory.
+    Presets are built on the meta device, so full-size ones cost no memory. For a checkpoint, the
+    config and the weight index are validated, and tensor names of the authors' training code
+    (`.gttm.`, `.ttm.`, `.tts.`, loaded as `.temporal_encoder.`) are counted under renamed_keys.
     """
-    import torch
+    from blip3v.errors import InputError
 
+    if not target.strip():  # Path("") is the current directory: say so instead of inspecting it
+        raise InputError("PRESET_OR_DIR is empty: give a preset name or a checkpoint directory")
+    from blip3v.model.checkpoint import build_meta_model, canonical_names, has_weights, read_weight_map
     from blip3v.model.config import XGenMMConfig, preset
-    from blip3v.model.xgenmm import XGenMMVideoModel, count_parameters
+    from blip3v.model.xgenmm import count_parameters
 
+    renamed: dict[str, int] = {}
     if Path(target).is_dir():
-        cfg, source = XGenMMConfig.load(target), "checkpoint"
+        directory = Path(target)
+        cfg, source = XGenMMConfig.load(directory), "checkpoint"
+        if has_weights(directory):
+            renamed = canonical_names(read_weight_map(directory), directory)[1]
     else:
         cfg, source = preset(target), "preset"
-    with torch.device("meta"):
-        counts = count_parameters(XGenMMVideoModel(cfg))
+    counts = count_parameters(build_meta_model(cfg, target))
     report = {
         "name": target,
         "source": source,
@@ -36,6 +44,7 @@ def command(target: str, as_json: bool) -> None:
         "video_tokens": cfg.num_video_tokens,
         "image_size": cfg.image_size,
         "parameters": counts,
+        "renamed_keys": renamed,
         "config": cfg.to_dict(),
     }
     if as_json:
@@ -45,3 +54,6 @@ def command(target: str, as_json: bool) -> None:
                f"{cfg.num_frames} frames at {cfg.image_size}px -> {cfg.num_video_tokens} video tokens")
     for part, n in counts.items():
         click.echo(f"  {part:<17} {n:>15,}")
+    if renamed:
+        click.echo("  keys loaded as .temporal_encoder.: "
+                   + ", ".join(f"{n:,} named .{alias}." for alias, n in renamed.items()))

@@ -4,7 +4,9 @@ the AWQ choices in calibration/ (RESULTS.md, "Calibration and quantization").
     python benchmarks/awq_first_tokens.py --engine runs/engine-demo2 --int8-engine runs/engine-demo2-q7 \
         --data runs/val7 --data runs/val1
 
-For each clip, the fp32 engine's prefill gives the reference first token. Each variant quantizes
+For each clip, the fp32 engine's prefill gives the reference first token (every first token here
+is the argmax of a prefill through the runtime's `blip3v.runtime.decoding.prefill`, on the engine's
+own OrtBackend or, for a decoder quantized in memory, on OrtBackend's decoder around it). Each variant quantizes
 the fp32 decoder (block 32) on 32 calibration clips (seed 424242) and is fed the video tokens of
 the INT8 visual graph of --int8-engine (what a calibrated engine runs) and of the fp32 one:
 round-to-nearest, AWQ calibrated on the fp32 visual graph's tokens, and AWQ calibrated on the INT8
@@ -25,8 +27,10 @@ import onnx
 from blip3v.calibration.calibrate import CALIBRATION_SEED, decoder_feeds
 from blip3v.calibration.data import CalibrationSet
 from blip3v.calibration.graph import session
+from blip3v.benchmarks.ort_decoder import OrtDecoder
 from blip3v.calibration.weight_only import quantize_decoder
 from blip3v.data.synth import write_dataset
+from blip3v.runtime.decoding import prefill
 from blip3v.runtime.ort_backend import OrtBackend
 
 
@@ -51,19 +55,27 @@ def main() -> None:
     held_int8 = [f for d in args.data for f in feeds(int8, d, 10_000)]
     decoder = onnx.load(str(fp32.manifest.path("decoder")))
 
-    def first_tokens(model: onnx.ModelProto, held: list[dict[str, np.ndarray]]) -> np.ndarray:
-        s = session(model)
-        return np.array([s.run([fp32.logits_name], f)[0].argmax(-1)[0] for f in held])
+    def first_tokens(backend: OrtBackend, held: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The prompt of each feed (embeddings, mask) prefilled into a new cache -> its greedy first id."""
+        out = []
+        for f in held:
+            embeds, mask = f[fp32.embeds_name], f[fp32.mask_name]  # (1, S, D), (1, S)
+            out.append(prefill(backend, backend.new_cache(1, mask.shape[1]), embeds, mask).argmax(-1)[0])
+        return np.array(out)
 
-    ref = first_tokens(decoder, held_fp32)
+    def quantized(model: onnx.ModelProto) -> OrtBackend:
+        return OrtDecoder.of_engine(fp32, session(model))
+
+    ref = first_tokens(fp32, held_fp32)
     print(f"{len(ref)} clips; first tokens that differ from the fp32 engine's:")
-    print(f"  INT8 visual + fp32 decoder: {(first_tokens(decoder, held_int8) != ref).sum()}")
+    print(f"  INT8 visual + fp32 decoder: {(first_tokens(fp32, held_int8) != ref).sum()}")
     for name, method, calib_feeds in (("round-to-nearest", "rtn", calib_fp32),
                                       ("AWQ, fp32-visual calibration", "awq", calib_fp32),
                                       ("AWQ, INT8-visual calibration", "awq", calib_int8)):
         q, _ = quantize_decoder(decoder, calib_feeds, "int4", method, 32)
-        print(f"  {name}: INT8 visual {(first_tokens(q, held_int8) != ref).sum()}, "
-              f"fp32 visual {(first_tokens(q, held_fp32) != ref).sum()}")
+        backend = quantized(q)
+        print(f"  {name}: INT8 visual {(first_tokens(backend, held_int8) != ref).sum()}, "
+              f"fp32 visual {(first_tokens(backend, held_fp32) != ref).sum()}")
 
 
 if __name__ == "__main__":

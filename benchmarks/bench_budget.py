@@ -225,11 +225,11 @@ class TorchPipeline:
         decoder = opts.decoder
         if decoder == "auto":
             decoder = "static" if opts.device == "cuda" else "reference"
-        self.fast = None
-        if decoder == "static":
-            from blip3v.model.fast_decode import FastDecoder
+        # The decoder as the runtime ships it: TorchBackend (DynamicCache or the static fast path)
+        # under blip3v.runtime.decoding's loop; the stages before it are cut out of the model here.
+        from blip3v.model.generate import TorchBackend
 
-            self.fast = FastDecoder(self.model, max_batch=1, max_seq=needed_context)
+        self.backend = TorchBackend(self.model, tokenizer, opts.device, decoder=decoder, max_batch=1)
         self.decoder_name = decoder
 
     def shared(self, video: str) -> tuple[dict[str, float], Any]:
@@ -270,7 +270,7 @@ class TorchPipeline:
                 "tokens": int(cfg.num_video_tokens), "frames": int(cfg.num_frames)}
 
     def budget(self, budget: str, shared: Any) -> dict[str, float]:
-        from blip3v.model.generate import generate
+        from blip3v.runtime.decoding import generate
         from blip3v.runtime.generation import SamplingConfig
 
         torch, clock, vt = self.torch, self.clock, self.model.vlm.vision_tokenizer
@@ -287,10 +287,8 @@ class TorchPipeline:
 
             def run(on_token):
                 embeds = self.model.splice(self.ids, video)
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-                if self.fast is not None:
-                    return self.fast.generate(embeds, mask, sampling, (), on_token=on_token)
-                return generate(self.model, embeds, mask, sampling, (), on_token=on_token)
+                mask = np.ones(embeds.shape[:2], dtype=np.int64)
+                return generate(self.backend, embeds, mask, sampling, (), on_token)  # no stop ids: N tokens
 
             self.clock.sync()
             stages["prefill"], stages["decode"] = _generate_marks(run, n)
@@ -327,9 +325,7 @@ class OrtPipeline:
             out = workdir / f"engine-{b}"
             export_engine(variant, tokenizer, out, precision=opts.precision, max_context=needed_context)
             log(f"  engine for budget {b} exported and checked in {time.perf_counter() - t0:.0f} s")
-            backend = OrtBackend.load(out, device=opts.device)
-            backend.stop_ids = ()  # every request runs exactly N tokens
-            self.engines[b] = backend
+            self.engines[b] = OrtBackend.load(out, device=opts.device)
             del variant
         self.raw_tokens = None
         if "raw" in opts.budgets:
@@ -351,6 +347,7 @@ class OrtPipeline:
         return {"video": (time.perf_counter() - t0) * 1e3}, pixels
 
     def budget(self, budget: str, pixels: Any) -> dict[str, float]:
+        from blip3v.runtime.decoding import generate
         from blip3v.runtime.generation import SamplingConfig
 
         stages: dict[str, float] = {}
@@ -366,7 +363,7 @@ class OrtPipeline:
 
         def run(on_token):
             embeds, mask = backend.splice(rows, video)
-            return backend.generate(embeds, mask, sampling, on_token=on_token)
+            return generate(backend, embeds, mask, sampling, (), on_token)  # no stop ids: N tokens
 
         stages["prefill"], stages["decode"] = _generate_marks(run, self.opts.new_tokens)
         return stages

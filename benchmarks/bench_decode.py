@@ -11,9 +11,10 @@ with `--layers` layers, so it fits a CPU, then times the same weights and the sa
   transformers       `generate` in PyTorch eager mode with its DynamicCache (sdpa attention by
                      default, transformers' own default), greedy, min_new_tokens = max_new_tokens
   blip3v             this project's decoder.onnx (blip3v.export.graphs.DecoderGraph, exported and
-                     checked by blip3v.export.engine) driven by the runtime's own decode loop,
-                     `OrtBackend.generate` (IO binding, in-place KV buffers), with the prompt's
-                     rows of the embedding table as inputs_embeds; once per `--attention` variant
+                     checked by blip3v.export.engine) driven by the runtime's one decode loop,
+                     `blip3v.runtime.decoding.generate`, over OrtBackend's decoder (IO binding,
+                     in-place KV buffers; blip3v.benchmarks.ort_decoder), with the prompt's rows
+                     of the embedding table as inputs_embeds; once per `--attention` variant
   onnxruntime-genai  the model its builder (`python -m onnxruntime_genai.models.builder`) makes
                      from the same HF directory, run through og.Generator
 
@@ -73,6 +74,7 @@ SIZES = {
 # Between requests: the previous system's OpenMP / ORT worker threads spin a while after their last
 # op; a pause keeps that off the next system's TTFT.
 PAUSE_S = 0.2
+ORT_VARIANT = "ORT {}, IO binding"  # the blip3v ORT rows' variant, by attention
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 # ----------------------------------------------------------------------------- the HF directory
@@ -206,38 +208,29 @@ def quantize_blip3v_int4(decoder_path: Path, embeddings: np.ndarray, conf, block
 
 
 def blip3v_backend(decoder_path: Path, embeddings: np.ndarray, conf, threads: int,
-                   providers: Sequence[str] = ("CPUExecutionProvider",),
-                   options=None):  # embeddings: graph dtype; options: default the runtime's session_options
-    """The runtime's OrtBackend around a decoder graph alone: exactly the state `generate` reads.
-
-    An engine directory also needs visual.onnx, which a plain Phi-3 has not, so this sets the
-    decoder side up as OrtBackend.__init__ does (same tensor names from the export's templates,
-    CPU session, no stop ids so every request runs N steps) and leaves the visual side out."""
+                   providers: Sequence[str] = ("CPUExecutionProvider",), options=None, attention: str = "gqa"):
+    """The runtime's OrtBackend decoder around a decoder graph alone (an engine directory also needs
+    visual.onnx, which a plain Phi-3 has not): its session opened as the runtime opens its own
+    (`session_options`, weights on huge pages on the CPU), tensor names from the export's templates.
+    embeddings: in the graph's dtype; options: default the runtime's session_options."""
+    from blip3v.benchmarks.ort_decoder import OrtDecoder
     from blip3v.export.engine import KV_TEMPLATES
-    from blip3v.runtime.manifest import Manifest
     from blip3v.runtime.hugepages import Backed
-    from blip3v.runtime.ort_backend import OrtBackend, create_session, session_options
+    from blip3v.runtime.ort_backend import create_session, session_options
 
     layers = int(conf.num_hidden_layers)
     options = session_options(providers, threads) if options is None else options
-    backend = object.__new__(OrtBackend)
-    backend.manifest = Manifest(decoder_path.parent, {"model": {"num_logits": int(conf.vocab_size)}})
-    on_gpu = "CUDAExecutionProvider" in providers
-    backend.device, backend.ort_device = ("cuda", "cuda") if on_gpu else ("cpu", "cpu")
-    backend.huge_pages = Backed()
-    backend.decoder = create_session(decoder_path, options, providers, backed=backend.huge_pages)  # as shipped
-    backend.max_context = int(conf.max_position_embeddings)
-    backend.kv_heads = int(conf.num_key_value_heads)
-    backend.head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
-    backend.dtype = backend.embed_dtype = embeddings.dtype
-    backend.embeddings = embeddings
-    backend.stop_ids = ()
-    backend.embeds_name, backend.mask_name, backend.position_name = "inputs_embeds", "attention_mask", "position_ids"
-    backend.logits_name = "logits"
-    backend.past_names = [KV_TEMPLATES[r].format(layer=i) for i in range(layers) for r in ("past_key", "past_value")]
-    backend.present_names = [KV_TEMPLATES[r].format(layer=i) for i in range(layers)
-                             for r in ("present_key", "present_value")]
-    return backend
+    backed = Backed()
+    session = create_session(decoder_path, options, providers, backed=backed)  # as shipped
+    names = {role: [KV_TEMPLATES[role].format(layer=i) for i in range(layers)]
+             for role in ("past_key", "past_value", "present_key", "present_value")}
+    return OrtDecoder(
+        session, embeddings, kv_heads=int(conf.num_key_value_heads),
+        head_dim=int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads),
+        max_context=int(conf.max_position_embeddings), attention=attention,
+        past_names=[n for pair in zip(names["past_key"], names["past_value"]) for n in pair],
+        present_names=[n for pair in zip(names["present_key"], names["present_value"]) for n in pair],
+        device="cuda" if "CUDAExecutionProvider" in providers else "cpu", huge_pages=backed)
 
 
 # ----------------------------------------------------------------------------- onnxruntime-genai
@@ -349,19 +342,22 @@ def transformers_system(model, attn: str, precision: str) -> System:
     return System("transformers", f"PyTorch eager, {attn}, DynamicCache", precision, run)
 
 
-def blip3v_system(backend, attention: str, precision: str) -> System:
+def blip3v_system(backend, variant: str, precision: str) -> System:
+    """A blip3v system: the shipped decode loop (blip3v.runtime.decoding.generate: a new KV cache,
+    one prefill, the steps) over `backend`, no stop ids so every request runs N steps."""
+    from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
 
     def body(ids: np.ndarray, n: int, on_token: OnToken) -> None:
         embeds = backend.embed(ids[None].astype(np.int64))  # (1, P, D): the runtime's table lookup
         mask = np.ones((1, len(ids)), np.int64)
-        backend.generate(embeds, mask, SamplingConfig(max_new_tokens=n), on_token=on_token)
+        generate(backend, embeds, mask, SamplingConfig(max_new_tokens=n), (), on_token)
 
     def run(ids: np.ndarray, n: int) -> Request:
         return timed_request(lambda on_token: body(ids, n, on_token))
 
     huge = getattr(backend, "huge_pages", None)  # set by blip3v_backend: what create_session collapsed
-    return System("blip3v", f"ORT {attention}, IO binding", precision, run,
+    return System("blip3v", variant, precision, run,
                   huge_pages_mib=huge.bytes / 2**20 if huge is not None else 0.0)
 
 
@@ -483,8 +479,8 @@ def profile_blip3v(decoder_path: Path, embeddings: np.ndarray, conf, threads: in
     options = session_options(["CPUExecutionProvider"], threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"profile-blip3v-{decoder_path.stem}")
-    backend = blip3v_backend(decoder_path, embeddings, conf, threads, options=options)
-    blip3v_system(backend, "gqa", "fp32").run(prompt, new_tokens)
+    backend = blip3v_backend(decoder_path, embeddings, conf, threads, options=options, attention="gqa")
+    blip3v_system(backend, ORT_VARIANT.format("gqa"), "fp32").run(prompt, new_tokens)
     return trace_summary(Path(backend.decoder.end_profiling()))
 
 
@@ -647,27 +643,16 @@ def load_lm(directory: Path, log: Log):
     return model
 
 
-def torch_system(model, precision: str, device_name: str, threads: int, weights: str = "dense"):
+def torch_system(model, precision: str, weights: str = "dense"):
     """This project's PyTorch decoder (blip3v.model.fast_decode.FastDecoder: static KV buffers written
-    in place, CUDA-graph step on a GPU) around the same Phi-3 -> (System, the FastDecoder)."""
-    import torch
-    from blip3v.model.fast_decode import FastDecoder
-    from blip3v.runtime.generation import SamplingConfig
+    in place, CUDA-graph step on a GPU) around the same Phi-3, driven by the shipped decode loop
+    -> (System, the FastDecoder)."""
+    from blip3v.model.fast_decode import FastDecoder, StaticBackend
 
     fast = FastDecoder(_engine_shim(model), max_batch=1, weights=weights)
-    embed = model.model.embed_tokens
-
-    @torch.inference_mode()
-    def body(ids: np.ndarray, n: int, on_token: OnToken) -> None:
-        input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(device_name)
-        fast.generate(embed(input_ids), torch.ones_like(input_ids), SamplingConfig(max_new_tokens=n), (),
-                      on_token=on_token)
-
-    def run(ids: np.ndarray, n: int) -> Request:
-        return timed_request(lambda on_token: body(ids, n, on_token))
-
     graph = "CUDA graph step" if fast.graph_mode == "cuda_graph" else "eager step"
-    return System("blip3v", f"torch static KV, {graph}", precision, run), fast
+    system = blip3v_system(StaticBackend(fast), f"torch static KV, {graph}", precision)
+    return system, fast
 
 
 def _ort_providers(device_name: str) -> list[str]:
@@ -737,26 +722,28 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                 exports.update({f"{a} {precision}": e for a, e in exported.items()})
                 table_p = embeddings.astype(DTYPES[precision])
                 systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads,
-                                                         _ort_providers(args.device)), a, precision)
+                                                         _ort_providers(args.device), attention=a),
+                                          ORT_VARIANT.format(a), precision)
                             for a, e in exported.items()]
             on_device = not cuda or next(pmodel.parameters()).is_cuda  # built there, or the CPU run
             dmodel = pmodel if on_device else copy.deepcopy(pmodel).to(args.device)
             half = dmodel if cuda and precision == "fp16" else half
             systems.append(transformers_system(dmodel, args.hf_attention, precision))
             if "torch" in backends:
-                system, fast[precision] = torch_system(dmodel, precision, args.device, args.threads)
+                system, fast[precision] = torch_system(dmodel, precision)
                 systems.append(system)
         if "int4" in args.precision and "onnxruntime" in backends:
             fp32_gqa = exports.get("gqa fp32") or export_blip3v(model, work, ["gqa"], "fp32", golden, log)["gqa"]
             int4_path = path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
                                                     args.int4_accuracy_level, log, args.seed)
             systems.append(blip3v_system(blip3v_backend(path, embeddings, conf, args.threads,
-                                                        _ort_providers(args.device)), "gqa", "int4"))
+                                                        _ort_providers(args.device), attention="gqa"),
+                                         ORT_VARIANT.format("gqa"), "int4"))
         if "int4" in args.precision and "torch" in backends and cuda:  # INT4 Triton kernel; no CPU fast path
             if half is None:
                 half = copy.deepcopy(model).to(args.device, torch.float16)
             # the FastDecoder swaps Int4Linear into its own layer list; `half` keeps its fp16 weights
-            system, fast["int4"] = torch_system(half, "int4", args.device, args.threads, weights="int4")
+            system, fast["int4"] = torch_system(half, "int4", weights="int4")
             systems.append(system)
         if have_genai:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
             for precision in (p for p in args.precision if p in ("fp32", "int4")):
@@ -812,19 +799,10 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
 
 def decode_bytes_per_token(fast, context: int) -> int:
     """The fewest bytes one decode step of a FastDecoder reads: every layer weight (dense, or INT4
-    packed + scales), the final norm and lm_head, plus the K/V of `context` cached tokens."""
-    from blip3v.model.fast_decode import KVCache
-
-    weights = [fast.norm, fast.lm_head, *fast.layers]
-    total = 0
-    for module in weights:
-        for sub in module.modules():
-            if isinstance(sub, KVCache):
-                total += sum(b[:1, :, :context].numel() * b.element_size() for b in (sub.k, sub.v))
-                continue
-            total += sum(t.numel() * t.element_size()
-                         for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)))
-    return total
+    packed + scales), the final norm and lm_head, plus the K/V of `context` cached tokens of one row."""
+    weights = sum(t.numel() * t.element_size() for module in (fast.norm, fast.lm_head, fast.layers)
+                  for t in (*module.parameters(), *module.buffers()))
+    return weights + 2 * len(fast.layers) * fast.kv_heads * context * fast.head_dim * fast.dtype.itemsize
 
 
 def decode_floors(fast: dict[str, Any], context: int, log: Log) -> dict[str, Any]:
@@ -850,18 +828,22 @@ def profile_torch_step(fast, position: int, log: Log, steps: int = 16) -> dict[s
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from blip3v.model.fast_decode import StaticBackend
+
     log(f"profiling {steps} eager decode steps ({fast.dtype}, "
         f"{'int4' if any('Int4' in type(m).__name__ for m in fast.modules()) else 'dense'})")
     tokens = torch.full((1,), 5, dtype=torch.long, device=fast.device)
     positions = torch.full((1,), position, dtype=torch.long, device=fast.device)
+    cache = StaticBackend(fast).new_cache(1, position + 1)  # the step's buffers, as the runtime allocates them
+    kv = cache.storage  # (held through `cache`: a dropped cache's storage goes back to the decoder)
     with torch.inference_mode():
         for _ in range(3):
-            fast.step(tokens, positions)
+            fast.step(kv.k, kv.v, tokens, positions)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                fast.step(tokens, positions)
+                fast.step(kv.k, kv.v, tokens, positions)
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3 / steps
     kernels = {}

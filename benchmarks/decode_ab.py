@@ -13,7 +13,9 @@ Two ways to pair the systems (`--mode`):
 
     requests  whole requests, blip3v then genai, `--pairs` times (what `blip3v bench decode` does)
     steps     within each of `--pairs` requests, one decode step of blip3v, then one of genai, with a
-              pause before each step so neither starts while the other's thread pool still spins.
+              pause before each step so neither starts while the other's thread pool still spins
+              (genai's step runs inside the on_token callback of blip3v's decode loop, the shipped
+              `blip3v.runtime.decoding.generate`, between two of its steps).
               The box's speed regime (it switches between about 12 and 16 ms/token from one request
               to the next) is then the same for both sides of every pair; steps start from parked
               threads, so absolute times are a little longer than in `requests`.
@@ -31,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def build(work: Path, size: str, layers: int, threads: int) -> None:
 
 
 def blip3v_backend(work: Path, setting: str, threads: int):
+    """-> (the INT4 decoder as the runtime runs it, the Phi-3 config)."""
     import onnxruntime as ort
     from transformers import AutoConfig
 
@@ -70,68 +72,59 @@ def blip3v_backend(work: Path, setting: str, threads: int):
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
     conf = AutoConfig.from_pretrained(work / "phi3")
-    return bd.blip3v_backend(work / "decoder-gqa-fp32-int4.onnx", np.load(work / "embeddings.npy"), conf, threads,
-                             options=options)  # weights on huge pages unless BLIP3V_HUGE_PAGES=0 (setting 4k)
+    backend = bd.blip3v_backend(work / "decoder-gqa-fp32-int4.onnx", np.load(work / "embeddings.npy"), conf,
+                                threads, options=options, attention="gqa")  # huge pages unless BLIP3V_HUGE_PAGES=0
+    return backend, conf
 
 
 def stepped_request(backend, model, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """One request on each system, their decode steps alternating -> per-step ms (blip3v, genai).
 
-    blip3v's own decode loop runs in a thread that waits in its on_token callback until the next
-    step is its turn; a step is timed from that wait's end to the next callback (the host work
+    blip3v's request is the shipped decode loop (blip3v.runtime.decoding.generate); genai's prefill
+    and each of its steps run inside that loop's on_token callback, so the two alternate without a
+    thread. A blip3v step is timed from the callback's return to the next callback (the host work
     between runs included), genai's around generate_next_token + get_next_tokens."""
     import onnxruntime_genai as og
 
+    from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
-
-    turn, done = threading.Semaphore(0), threading.Semaphore(0)
-    ours: list[float] = []
-    resumed: list[float] = []
-
-    def on_token(_row: int, _tok: int) -> None:
-        if resumed:
-            ours.append(time.perf_counter() - resumed[-1])
-        done.release()
-        turn.acquire()
-        resumed.append(time.perf_counter())
-
-    def run_blip3v() -> None:
-        embeds = backend.embed(prompt[None].astype(np.int64))  # (1, P, D)
-        backend.generate(embeds, np.ones((1, len(prompt)), np.int64), SamplingConfig(max_new_tokens=new_tokens),
-                         on_token=on_token)
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
                               do_sample=False)
     generator = og.Generator(model, params)
-    worker = threading.Thread(target=run_blip3v)
-    worker.start()
-    done.acquire()  # blip3v's prefill and first id
-    time.sleep(STEP_PAUSE_S)
-    generator.append_tokens(prompt.astype(np.int32))
-    generator.generate_next_token()  # genai's prefill and first id
+    ours: list[float] = []
     theirs: list[float] = []
-    for _ in range(new_tokens - 1):
+    resumed: list[float] = []
+
+    def on_token(_row: int, _tok: int) -> None:
+        if resumed:
+            ours.append(time.perf_counter() - resumed[-1])
         time.sleep(STEP_PAUSE_S)
-        turn.release()
-        done.acquire()
+        if not resumed:  # blip3v's prefill and first id are done: genai's prefill and first id
+            generator.append_tokens(prompt.astype(np.int32))
+            generator.generate_next_token()
+        else:
+            t0 = time.perf_counter()
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            theirs.append(time.perf_counter() - t0)
         time.sleep(STEP_PAUSE_S)
-        t0 = time.perf_counter()
-        generator.generate_next_token()
-        generator.get_next_tokens()
-        theirs.append(time.perf_counter() - t0)
-    turn.release()
-    worker.join()
+        resumed.append(time.perf_counter())
+
+    embeds = backend.embed(prompt[None].astype(np.int64))  # (1, P, D)
+    generate(backend, embeds, np.ones((1, len(prompt)), np.int64), SamplingConfig(max_new_tokens=new_tokens), (),
+             on_token)
     return np.array(ours) * 1e3, np.array(theirs) * 1e3
 
 
 def child(work: Path, setting: str, mode: str, pairs: int, threads: int) -> dict:
     """One process: blip3v INT4 with `setting` beside genai INT4 -> ms/token per pair."""
-    backend = blip3v_backend(work, setting, threads)
-    vocab = int(backend.manifest.model["num_logits"])
-    prompt = np.random.default_rng(0).integers(3, min(32000, vocab - 64), size=128)  # as bench decode
+    backend, conf = blip3v_backend(work, setting, threads)
+    prompt = np.random.default_rng(0).integers(3, min(32000, conf.vocab_size - 64), size=128)  # as bench decode
     if mode == "requests":
-        systems = [bd.blip3v_system(backend, "gqa", "int4"), bd.genai_system(work / "genai-int4", "int4")]
+        systems = [bd.blip3v_system(backend, bd.ORT_VARIANT.format("gqa"), "int4"),
+                   bd.genai_system(work / "genai-int4", "int4")]
         bd.measure(systems, prompt, 64, pairs, lambda _m: None)
         ours, genai = ([r.decode_ms for r in s.requests] for s in systems)
     else:

@@ -1,35 +1,39 @@
 """The TensorRT backend: an engine directory with visual.plan / decoder.plan (from `blip3v build`) -> answers.
 
     OrtBackend's pipeline, on TensorRT engines: video -> visual.plan -> video tokens (B, M, D); prompt
-    ids -> rows of embed_tokens.npy with `<image>` replaced (numpy); decoder.plan prefill, then one token
-    per call (the manifest's `calls` contract) until a stop id or max_new_tokens.
+    ids -> rows of embed_tokens.npy with `<image>` replaced (numpy); then the runtime's one decode
+    loop (blip3v.runtime.decoding) over decoder.plan: this backend implements its decoder interface.
 
 No torch: CUDA is reached through ctypes on libcudart (`CudaRuntime`, a dozen runtime-API calls), which
 ships with every CUDA / JetPack install and needs no extra package. tensorrt is imported lazily.
-Everything is allocated once, in `__init__`, for the engine's max batch B and context C (recorded by
-`blip3v build` in the manifest's `tensorrt` section):
-  * per layer one K and one V device buffer (B, Hkv, C, dh), bound as both `past_*` and `present_*`, so
-    the graph's ScatterElements writes the new slots in place (the manifest's past_present_share_buffer);
+Allocated once, in `__init__`, for the engine's max batch B and context C (recorded by `blip3v build`
+in the manifest's `tensorrt` section):
   * device buffers for inputs_embeds (B, C, D), attention_mask (B, C), position_ids (B, C), logits (B, V)
     and pinned host buffers of the same sizes, one CUDA stream; a call of batch b uses the leading rows;
   * two execution contexts on decoder.plan, one per optimization profile (0 prefill, 1 decode), sharing
     one device scratch allocation (they never run at the same time: one stream).
+Per KV cache (`new_cache`, the runtime's KVCache holds it as `TrtCache`): per layer one K and one V
+device buffer (b, Hkv, capacity, dh), bound as both `past_*` and `present_*` for each call on that
+cache, so the graph's ScatterElements writes the new slots in place (the manifest's
+past_present_share_buffer). A fork copies the filled slots device to device.
+
 The decode step (copy in, execute, copy logits out) is captured as a CUDA graph. The decoder contract
 writes the step's token at slot L - 1 where L is the mask's width, so each step has a new shape and a
-graph is valid for one (b, L) only: a graph is captured the second time a (b, L) shape is seen and
-replayed from then on (repeated questions and benchmarks hit it; one-off shapes never pay for capture).
+graph is valid for one cache storage and one (b, L) only: a graph is captured the second time a (b, L)
+shape is seen on a storage and replayed from then on. Storages of dropped caches are kept (a few,
+sized in whole blocks of slots) and handed to the next cache of the same shape with their graphs, so
+repeated questions and benchmarks hit them; one-off shapes never pay for capture.
 
-    from blip3v.runtime.trt_backend import TrtBackend
-    TrtBackend.load("engines/demo").ask("clip.mp4", "what colour does the square turn?")
+    from blip3v.runtime.session import Engine
+    Engine.open(engine="engines/demo", backend="tensorrt").ask("clip.mp4", "what colour does the square turn?")
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blip3v.errors import EngineError, InputError
-from blip3v.runtime.generation import Sampler, SamplingConfig, accept_tokens
+from blip3v.runtime.decoding import KVCache
 from blip3v.runtime.host import EngineHost
 from blip3v.runtime.manifest import Manifest, load_manifest
 
@@ -47,8 +51,10 @@ if TYPE_CHECKING:
 # Keys of the manifest's `tensorrt` section that tie a plan to where it can run (a plan is specific to
 # the TensorRT version and the GPU model it was built with: TensorRT developer guide, "Engine compatibility").
 DEVICE_KEYS = ("tensorrt_version", "gpu", "compute_capability")
-MAX_GRAPHS = 256  # captured decode-step graphs kept (each (b, L) shape is one graph)
-H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+MAX_GRAPHS = 256  # captured decode-step graphs kept per cache storage (each (b, L) shape is one graph)
+H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice
+SLOT_BLOCK = 256  # cache storages are sized in whole blocks of slots, so similar requests share one
+KEPT_STORAGES = 2  # storages of dropped caches kept (with their graphs) for the next cache of that shape
 CAPTURE_GLOBAL = 0  # cudaStreamCaptureModeGlobal (the mode TensorRT's docs capture enqueue with)
 
 
@@ -127,6 +133,16 @@ class CudaRuntime:
         self._call("cudaMemcpyAsync", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
                    ctypes.c_int(kind), ctypes.c_void_p(stream))
 
+    def memcpy_2d_async(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+                        kind: int, stream: int) -> None:
+        """`height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart."""
+        self._call("cudaMemcpy2DAsync", ctypes.c_void_p(dst), ctypes.c_size_t(dst_pitch), ctypes.c_void_p(src),
+                   ctypes.c_size_t(src_pitch), ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(kind),
+                   ctypes.c_void_p(stream))
+
+    def memset_async(self, ptr: int, nbytes: int, stream: int) -> None:
+        self._call("cudaMemsetAsync", ctypes.c_void_p(ptr), 0, ctypes.c_size_t(nbytes), ctypes.c_void_p(stream))
+
     def stream_create(self) -> int:
         stream = ctypes.c_void_p()
         self._call("cudaStreamCreateWithFlags", ctypes.byref(stream), ctypes.c_uint(1))  # cudaStreamNonBlocking
@@ -185,8 +201,38 @@ class Buffer:
         self.cuda.free_host(self.host_ptr)
 
 
+class TrtCache:
+    """TensorRT storage of a KVCache: per layer one K and one V device buffer (b, Hkv, C, dh), bound
+    as both `past_*` and `present_*` for every call on the cache, and the decode-step CUDA graphs
+    captured on these addresses, by (b, L). Freed when collected (or by `close`)."""
+
+    def __init__(self, cuda: CudaRuntime, shape: tuple[int, int, int, int], itemsize: int, buffers: int):
+        self.shape = shape
+        self.layer_bytes = int(np.prod(shape)) * itemsize
+        self.nbytes = self.layer_bytes * buffers
+        self.kv = [cuda.malloc(self.layer_bytes) for _ in range(buffers)]  # zeroed by malloc
+        self.graphs: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()  # (b, L) -> (graph, exec)
+        self.seen: set[tuple[int, int]] = set()
+        self._free = weakref.finalize(self, _free_cache, cuda, self.kv, self.graphs)
+        self._free.atexit = False  # the driver releases everything at exit anyway
+
+    def close(self) -> None:
+        self._free()
+
+
+def _free_cache(cuda: CudaRuntime, kv: list[int], graphs: OrderedDict[tuple[int, int], tuple[int, int]]) -> None:
+    for graph, exe in graphs.values():
+        cuda.graph_exec_destroy(exe)
+        cuda.graph_destroy(graph)
+    graphs.clear()
+    for ptr in kv:
+        cuda.free(ptr)
+    kv.clear()
+
+
 class TrtBackend(EngineHost):
-    """Engine directory (built by `blip3v build`) -> answers on TensorRT. Same methods as OrtBackend."""
+    """Engine directory (built by `blip3v build`) -> answers on TensorRT: a host of
+    blip3v.runtime.session and a decoder of blip3v.runtime.decoding, as OrtBackend."""
 
     def __init__(self, manifest: Manifest):
         built = manifest.raw.get("tensorrt")
@@ -209,12 +255,14 @@ class TrtBackend(EngineHost):
         self.hidden = int(model["hidden_size"])
         self.max_batch = int(built["max_batch"])
         self.max_context = int(built["max_context"])
+        self.attention = str(manifest["decoder"].get("attention", "standard"))
         self.past_names = manifest.kv_names("past_key") + manifest.kv_names("past_value")
         self.present_names = manifest.kv_names("present_key") + manifest.kv_names("present_value")
 
         self.logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         plans = built["plans"]
+        self.decoder_file = str(plans["decoder"])
         self.visual = self._deserialize(manifest.directory / plans["visual"])
         self.decoder = self._deserialize(manifest.directory / plans["decoder"])
         self._check_tensors(self.visual, [self.pixel_name], [self.video_name], plans["visual"])
@@ -232,9 +280,8 @@ class TrtBackend(EngineHost):
         self.mask_buf = self._buffer((b, c), self._dtype(self.decoder, self.mask_name))
         self.pos_buf = self._buffer((b, c), self._dtype(self.decoder, self.position_name))
         self.logits_buf = self._buffer((b, self.num_logits), self._dtype(self.decoder, self.logits_name))
-        kv_dtype = self._dtype(self.decoder, self.past_names[0])
-        kv_bytes = b * self.kv_heads * c * self.head_dim * kv_dtype.itemsize
-        self.kv = [self.cuda.malloc(kv_bytes) for _ in self.past_names]  # (B, Hkv, C, dh) each, device only
+        self.kv_dtype = self._dtype(self.decoder, self.past_names[0])
+        self._kept: list[TrtCache] = []  # storages of dropped caches, newest last
 
         self.visual_ctx = self.visual.create_execution_context()
         # Prefill and decode contexts share one scratch allocation: same stream, never concurrent.
@@ -247,12 +294,10 @@ class TrtBackend(EngineHost):
             ctx.set_device_memory(self.scratch, scratch)
             if not ctx.set_optimization_profile_async(profile, self.stream):
                 raise EngineError(f"{plans['decoder']}: has no optimization profile {profile}; rebuild it")
-            self._bind_decoder(ctx)
+            self._bind_io(ctx)
         self._bind(self.visual_ctx, self.pixel_name, self.pixels.device, plans["visual"])
         self._bind(self.visual_ctx, self.video_name, self.video.device, plans["visual"])
         self.cuda.synchronize(self.stream)
-        self.graphs: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()  # (b, L) -> (graph, exec)
-        self.seen: set[tuple[int, int]] = set()
 
     @classmethod
     def load(cls, engine_dir: str | Path, verify_hashes: bool = True) -> TrtBackend:
@@ -291,14 +336,17 @@ class TrtBackend(EngineHost):
         if not ctx.set_tensor_address(name, ptr):  # False (and a TensorRT log line) when the name is unknown
             raise EngineError(f"{file}: TensorRT refused the address of tensor {name!r}")
 
-    def _bind_decoder(self, ctx: trt.IExecutionContext) -> None:
-        file = self.manifest.raw["tensorrt"]["plans"]["decoder"]
+    def _bind_io(self, ctx: trt.IExecutionContext) -> None:
+        """The per-backend buffers; the KV buffers are the cache's, bound per call (`_bind_cache`)."""
         for name, ptr in ((self.embeds_name, self.embeds_buf.device), (self.mask_name, self.mask_buf.device),
                           (self.position_name, self.pos_buf.device), (self.logits_name, self.logits_buf.device)):
-            self._bind(ctx, name, ptr, file)
-        for past, present, ptr in zip(self.past_names, self.present_names, self.kv):
-            self._bind(ctx, past, ptr, file)
-            self._bind(ctx, present, ptr, file)  # same buffer: the new slots are written in place
+            self._bind(ctx, name, ptr, self.decoder_file)
+
+    def _bind_cache(self, ctx: trt.IExecutionContext, storage: TrtCache) -> None:
+        for past, present, ptr in zip(self.past_names, self.present_names, storage.kv):
+            self._bind(ctx, past, ptr, self.decoder_file)
+            self._bind(ctx, present, ptr, self.decoder_file)  # same buffer: the new slots are written in place
+            self._set_shape(ctx, past, storage.shape, self.decoder_file)
 
     @staticmethod
     def _set_shape(ctx: trt.IExecutionContext, name: str, shape: tuple[int, ...], file: str) -> None:
@@ -307,17 +355,14 @@ class TrtBackend(EngineHost):
                               "(blip3v build --max-batch / --max-context)")
 
     def close(self) -> None:
-        """Frees every CUDA allocation (also done when the object is collected)."""
-        for graph, exe in self.graphs.values():
-            self.cuda.graph_exec_destroy(exe)
-            self.cuda.graph_destroy(graph)
-        self.graphs.clear()
+        """Frees every CUDA allocation of the backend and of its kept cache storages (live caches
+        free theirs when collected; also done when the objects are collected)."""
+        for storage in self._kept:
+            storage.close()
+        self._kept = []
         for buf in self._buffers:
             buf.free()
         self._buffers = []
-        for ptr in self.kv:
-            self.cuda.free(ptr)
-        self.kv = []
 
     def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, T, 3, S, S) -> video tokens (B, M, D), max_batch clips per engine call."""
@@ -338,6 +383,57 @@ class TrtBackend(EngineHost):
             out.append(self.video.host[:m].reshape(b, self.num_video_tokens, self.hidden).copy())  # (b, M, D)
         return np.concatenate(out)
 
+    # -- the decoder interface (blip3v.runtime.decoding) -------------------------------------
+    def chunked_prefill(self, batch: int) -> bool:
+        """The standard graph (ScatterElements at slots [L - S, L), positions as given) takes a chunk
+        after a non-empty cache at any batch."""
+        return self.attention == "standard"
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        if batch > self.max_batch:
+            raise InputError(f"batch of {batch} exceeds the engine's max batch {self.max_batch} (blip3v build --max-batch)")
+        if capacity > self.max_context:
+            raise InputError(f"a cache of {capacity} slots exceeds the engine's context of {self.max_context} "
+                             "(blip3v build --max-context)")
+        slots = min(-(-capacity // SLOT_BLOCK) * SLOT_BLOCK, self.max_context)
+        shape = (batch, self.kv_heads, slots, self.head_dim)
+        storage = next((s for s in reversed(self._kept) if s.shape == shape), None)
+        if storage is not None:
+            self._kept.remove(storage)
+            for ptr in storage.kv:  # as fresh as a new one (every slot below L is rewritten before it is read)
+                self.cuda.memset_async(ptr, storage.layer_bytes, self.stream)
+        else:
+            storage = TrtCache(self.cuda, shape, self.kv_dtype.itemsize, len(self.past_names))
+        cache = KVCache(self, storage, batch, capacity)
+        weakref.finalize(cache, self._keep, storage).atexit = False
+        return cache
+
+    def _keep(self, storage: TrtCache) -> None:
+        self._kept.append(storage)
+        for old in self._kept[:-KEPT_STORAGES]:
+            old.close()
+        del self._kept[:-KEPT_STORAGES]
+
+    def copy_cache(self, src: KVCache, dst: KVCache, slots: int) -> None:
+        """dst's buffers get src's first `slots` slots, device to device: per layer B * Hkv rows of
+        slots * dh elements, at each storage's own row pitch (capacity * dh)."""
+        a, b = src.storage, dst.storage
+        row = self.head_dim * self.kv_dtype.itemsize
+        height = a.shape[0] * a.shape[1]  # B * Hkv
+        for s_ptr, d_ptr in zip(a.kv, b.kv):
+            self.cuda.memcpy_2d_async(d_ptr, b.shape[2] * row, s_ptr, a.shape[2] * row, slots * row, height,
+                                      D2D, self.stream)
+        self.cuda.synchronize(self.stream)
+
+    def forward(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A chunk of S tokens (a prompt, or a later chunk) -> the last column's logits (B, V)."""
+        return self._run(cache.storage, embeds, cache.mask[:, :cache.used], positions).astype(np.float32)
+
+    def step(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token per row, through the storage's CUDA graph for (b, L) once that shape repeats."""
+        embeds = self.embed(tokens.reshape(-1, 1))  # (B, 1, D)
+        return self._run(cache.storage, embeds, cache.mask[:, :cache.used], positions).astype(np.float32)
+
     # -- one decoder call -----------------------------------------------------------------
     def _enqueue(self, ctx: trt.IExecutionContext, embeds_bytes: int, mask_bytes: int, pos_bytes: int,
                  logits_bytes: int) -> None:
@@ -347,78 +443,46 @@ class TrtBackend(EngineHost):
         cuda.memcpy_async(self.mask_buf.device, self.mask_buf.host_ptr, mask_bytes, H2D, stream)
         cuda.memcpy_async(self.pos_buf.device, self.pos_buf.host_ptr, pos_bytes, H2D, stream)
         if not ctx.execute_async_v3(stream):
-            raise EngineError("decoder.plan: TensorRT execution failed")
+            raise EngineError(f"{self.decoder_file}: TensorRT execution failed")
         cuda.memcpy_async(self.logits_buf.host_ptr, self.logits_buf.device, logits_bytes, D2H, stream)
 
-    def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """embeds (b, S, D), mask (b, L), positions (b, S) -> logits (b, V), writing the KV slots [L - S, L).
-        S > 1 runs the prefill profile; S = 1 the decode profile, through a CUDA graph once (b, L) repeats."""
+    def _run(self, storage: TrtCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """embeds (b, S, D), mask (b, L), positions (b, S) -> logits (b, V), writing the KV slots [L - S, L)
+        of `storage`. S > 1 runs the prefill profile; S = 1 the decode profile, through a CUDA graph
+        once (b, L) repeats on this storage."""
         b, s = positions.shape
         length = mask.shape[1]
         sizes = (self.embeds_buf.stage(embeds), self.mask_buf.stage(mask), self.pos_buf.stage(positions),
                  b * self.num_logits * self.logits_buf.dtype.itemsize)
         ctx = self.prefill_ctx if s > 1 else self.decode_ctx
         key = (b, length)
-        if s == 1 and key in self.graphs:
-            self.graphs.move_to_end(key)
-            self.cuda.graph_launch(self.graphs[key][1], self.stream)
+        if s == 1 and key in storage.graphs:
+            storage.graphs.move_to_end(key)
+            self.cuda.graph_launch(storage.graphs[key][1], self.stream)
         else:
-            self._set_shape(ctx, self.embeds_name, (b, s, self.hidden), "decoder.plan")
-            self._set_shape(ctx, self.mask_name, (b, length), "decoder.plan")
-            self._set_shape(ctx, self.position_name, (b, s), "decoder.plan")
-            for name in self.past_names:
-                self._set_shape(ctx, name, (b, self.kv_heads, self.max_context, self.head_dim), "decoder.plan")
+            self._bind_cache(ctx, storage)  # the contexts are shared by every cache
+            self._set_shape(ctx, self.embeds_name, (b, s, self.hidden), self.decoder_file)
+            self._set_shape(ctx, self.mask_name, (b, length), self.decoder_file)
+            self._set_shape(ctx, self.position_name, (b, s), self.decoder_file)
             self._enqueue(ctx, *sizes)  # also the warm-up TensorRT wants before a capture
-            if s == 1 and key in self.seen:
+            if s == 1 and key in storage.seen:
                 self.cuda.synchronize(self.stream)
-                self._capture(key, sizes)
+                self._capture(storage, key, sizes)
             elif s == 1:
-                self.seen.add(key)
+                storage.seen.add(key)
         self.cuda.synchronize(self.stream)
         return self.logits_buf.host[:b * self.num_logits].reshape(b, self.num_logits)
 
-    def _capture(self, key: tuple[int, int], sizes: tuple[int, int, int, int]) -> None:
-        """Records the decode step for shape `key` as a CUDA graph (not launched: this step already ran)."""
+    def _capture(self, storage: TrtCache, key: tuple[int, int], sizes: tuple[int, int, int, int]) -> None:
+        """Records the decode step for shape `key` on `storage` as a CUDA graph (not launched: this
+        step already ran). The graph holds the storage's KV addresses, so it lives on the storage."""
         self.cuda.begin_capture(self.stream)
         try:
             self._enqueue(self.decode_ctx, *sizes)
         finally:
             graph = self.cuda.end_capture(self.stream)
-        self.graphs[key] = (graph, self.cuda.instantiate(graph))
-        if len(self.graphs) > MAX_GRAPHS:
-            old_graph, old_exe = self.graphs.popitem(last=False)[1]
+        storage.graphs[key] = (graph, self.cuda.instantiate(graph))
+        if len(storage.graphs) > MAX_GRAPHS:
+            old_graph, old_exe = storage.graphs.popitem(last=False)[1]
             self.cuda.graph_exec_destroy(old_exe)
             self.cuda.graph_destroy(old_graph)
-
-    # -- generation -----------------------------------------------------------------------
-    def generate(self, embeds: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
-                 on_token: Callable[[int, int], None] | None = None,
-                 marks: list[float] | None = None) -> list[list[int]]:
-        """Spliced embeddings (B, S, D) + left-padded mask (B, S) -> new token ids per row (stop id
-        dropped). Same contract and loop as OrtBackend.generate; B <= the engine's max batch."""
-        sample = Sampler(sampling)
-        batch, prompt = mask.shape
-        if batch > self.max_batch:
-            raise InputError(f"batch of {batch} exceeds the engine's max batch {self.max_batch} (blip3v build --max-batch)")
-        if prompt + sampling.max_new_tokens > self.max_context:
-            raise InputError(f"prompt of {prompt} tokens + {sampling.max_new_tokens} new tokens exceeds the "
-                             f"engine's context of {self.max_context}")
-        full_mask = np.zeros((batch, self.max_context), dtype=np.int64)  # (B, C): 1 = a real token in that slot
-        full_mask[:, :prompt] = mask
-        positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, S)
-        step_embeds, step_pos, used = embeds, positions, 0
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        for step in range(sampling.max_new_tokens):
-            s = step_embeds.shape[1]
-            logits = self.step(step_embeds, full_mask[:, :used + s], step_pos)  # (B, V)
-            tokens = sample(logits.astype(np.float32))  # (B,)
-            if step == 0 and marks is not None:
-                marks.append(time.perf_counter())
-            used += s
-            if accept_tokens(tokens, self.stop_ids, done, out, on_token) or step == sampling.max_new_tokens - 1:
-                break
-            full_mask[:, used] = 1
-            step_pos = step_pos[:, -1:] + 1  # (B, 1)
-            step_embeds = self.embed(tokens.reshape(batch, 1))  # (B, 1, D)
-        return out

@@ -148,15 +148,35 @@ def test_splice_places_video_tokens_at_image(tiny):
         model.splice(ids[:, :pos], video)  # no <image>
 
 
+def greedy_without_cache(model, embeds: torch.Tensor, mask: torch.Tensor, n: int) -> list[list[int]]:
+    """The oracle: greedy ids from running the decoder on the whole sequence at every step, no
+    cache (positions from the mask, as the runtime derives them)."""
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits, _ = model.decoder(embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                      use_cache=False)
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            out.append(nxt.tolist())
+            embeds = torch.cat([embeds, model.embed_tokens(nxt[:, None])], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return [list(r) for r in zip(*out)]
+
+
 def test_kv_cache_generation_equals_recomputation(tiny):
-    from blip3v.model.generate import generate, left_pad
+    """The reference decoder (TorchBackend, DynamicCache) through the runtime's decode loop gives the
+    no-cache recomputation's greedy ids, padded rows included, and each row decodes as it would alone."""
+    from blip3v.model.generate import TorchBackend, left_pad
     from blip3v.model.tokenizer import encode_prompt
+    from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
 
     model, tok = tiny
+    backend = TorchBackend(model, tok, decoder="reference")
     cfg = model.config
     rows = [encode_prompt(cfg, tok, q) for q in ("which way does the circle move?", "how many shapes are there?")]
     ids, mask = left_pad(rows, cfg.special_token_ids["pad"])
+    assert len(set(map(len, rows))) == 2  # one row is left-padded
     torch.manual_seed(3)
     pixels = torch.randn(2, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():
@@ -165,15 +185,15 @@ def test_kv_cache_generation_equals_recomputation(tiny):
     s = SamplingConfig(max_new_tokens=12)
     with warnings.catch_warnings():  # the cache goes in under the installed transformers' own name
         warnings.simplefilter("error", FutureWarning)
-        cached = generate(model, embeds, wide, s, stop_ids=())
-    recomputed = generate(model, embeds, wide, s, stop_ids=(), use_cache=False)
-    assert cached == recomputed
+        cached = generate(backend, embeds, wide.numpy(), s, stop_ids=())
+    assert cached == greedy_without_cache(model, embeds, wide, 12)
     assert all(len(r) == 12 for r in cached)
     assert len({tuple(r) for r in cached}) == 2  # the two rows really differ
     # each left-padded row decodes as it would alone
     for i, row in enumerate(rows):
-        alone = model.splice(torch.tensor([row]), model.encode_video(pixels[i:i + 1]))
-        single = generate(model, alone, torch.ones(alone.shape[:2], dtype=torch.long), s, stop_ids=())
+        with torch.no_grad():
+            alone = model.splice(torch.tensor([row]), model.encode_video(pixels[i:i + 1]))
+        single = generate(backend, alone, np.ones(alone.shape[:2], dtype=np.int64), s, stop_ids=())
         assert single[0] == cached[i]
 
 

@@ -32,7 +32,9 @@ otherwise for `embeds` (its own `embed` produces them, the loop only passes them
     truncate_cache(cache, slots)           optional: storage that must forget slots (DynamicCache)
     step(cache, tokens (B,), positions (B, 1)) -> logits   optional fast path for S = 1
 
-Not thread-safe: a cache, and the backend call on it, belong to one thread at a time.
+Not thread-safe: a cache, and the backend call on it, belong to one thread at a time. A cache's
+storage belongs to it: backends that capture graphs on it (static PyTorch, TensorRT) may hand a
+dropped storage to the next cache of the same shape, so never keep a storage without its KVCache.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Perceiver resampler (`vlm.vision_tokenizer`): 729 SigLIP tokens per frame -> 128 latents.
 
-Follows open_flamingo's PerceiverResampler as used by xGen-MM (MODEL.md): each frame resampled
+Follows open_flamingo's PerceiverResampler as used by xGen-MM (docs/MODEL.md): each frame resampled
 independently; keys/values over `[media; latents]`; bias-free projections; the temporal encoder
 is a child module so its keys read `vision_tokenizer.temporal_encoder.*`; then `norm` + `projection`.
 """

@@ -91,6 +91,6 @@ def encode_prompt(cfg: XGenMMConfig, tokenizer, question: str) -> list[int]:
 
 
 def stop_token_ids(cfg: XGenMMConfig) -> tuple[int, ...]:
-    """Generation stops at `<|end|>` and at eos (MODEL.md, 'Prompt and generation')."""
+    """Generation stops at `<|end|>` and at eos (docs/MODEL.md, 'Prompt and generation')."""
     ids = cfg.special_token_ids
     return tuple(dict.fromkeys(i for i in (ids.get("end"), ids.get("eos")) if i is not None))

@@ -5,7 +5,7 @@
     -> Phi-3 decoder -> 32012 + 3 logits.
 
 Module names mirror the released checkpoint (`vlm.vision_encoder`, `vlm.vision_tokenizer`,
-`vlm.lang_model`), so `state_dict()` keys are the released keys (MODEL.md). The KV cache belongs
+`vlm.lang_model`), so `state_dict()` keys are the released keys (docs/MODEL.md). The KV cache belongs
 to the generation engine (`blip3v.model.generate`); the model only reads it.
 """
 
@@ -127,7 +127,7 @@ class XGenMMVideoModel(nn.Module):
 
     def splice(self, input_ids: torch.Tensor, video_tokens: torch.Tensor) -> torch.Tensor:
         """Embeds `input_ids` (B, S) with the single `<image>` of each row replaced by its
-        M video tokens: -> (B, S - 1 + M, D). No start/end markers (MODEL.md)."""
+        M video tokens: -> (B, S - 1 + M, D). No start/end markers (docs/MODEL.md)."""
         image_id = self.config.special_token_ids["image"]
         counts = (input_ids == image_id).sum(dim=1)
         if not bool((counts == 1).all()):

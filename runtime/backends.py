@@ -6,7 +6,6 @@ torch is imported only for a checkpoint, so the engine path stays torch-free.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from blip3v.errors import InputError
@@ -16,9 +15,12 @@ TORCH_ONLY_OPTIONS = ("dtype", "decoder", "weights", "group_size")
 
 
 def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
-              backend: str | None = None, device: str = "cpu", **options: Any) -> Any:
+              backend: str | None = None, device: str = "cpu", revision: str | None = None,
+              **options: Any) -> Any:
     """--model / --engine / --backend -> a backend object (a "host" of blip3v.runtime.session).
-    No --model and no --engine: the shipped demo model on the PyTorch backend."""
+    No --model and no --engine: the shipped demo model on the PyTorch backend. `model` may be a
+    Hub id ORG/NAME (at `revision`), resolved by blip3v.model.hub; `device` "auto" picks cuda where
+    the chosen backend can use it, else cpu."""
     if model is not None and not str(model).strip():
         raise InputError("--model is empty: give a checkpoint directory (or leave it out for the demo model)")
     if engine is not None and not str(engine).strip():
@@ -29,22 +31,29 @@ def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike 
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend is None:
         backend = "onnxruntime" if engine else "torch"
+    if revision is not None and not model:
+        raise InputError("--revision selects a version of a Hub model: give --model ORG/NAME")
     if backend == "torch":
         if engine:
             raise InputError("--backend torch runs a checkpoint: use --model DIR, not --engine")
-        from blip3v.model.generate import TorchBackend
+        from blip3v.model.hub import resolve_checkpoint
 
         if model is None:
             from blip3v.assets import DEMO_MODEL
 
             model = DEMO_MODEL
-        return TorchBackend.load(Path(model), device=device, **options)
+        directory = resolve_checkpoint(model, revision)  # before torch loads: a missing Hub id fails fast
+        device = _auto_device(backend) if device == "auto" else device
+        from blip3v.model.generate import TorchBackend
+
+        return TorchBackend.load(directory, device=device, **options)
     given = [k for k in TORCH_ONLY_OPTIONS if options.get(k) not in (None, "dense", "auto", "128", 128)]
     if given:
         raise InputError(f"--{given[0].replace('_', '-')} applies to the PyTorch backend; an engine's precision "
                          "is fixed at export")
     if not engine:
         raise InputError(f"--backend {backend} runs an exported engine: give --engine DIR (see `blip3v export`)")
+    device = _auto_device(backend) if device == "auto" else device
     if backend == "onnxruntime":
         from blip3v.runtime.ort_backend import OrtBackend
 
@@ -52,3 +61,17 @@ def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike 
     from blip3v.runtime.trt_backend import TrtBackend
 
     return TrtBackend.load(engine)
+
+
+def _auto_device(backend: str) -> str:
+    """cuda when the backend can run there: ONNX Runtime built with its CUDA provider
+    (onnxruntime-gpu), torch seeing a CUDA device (torch is imported for the torch backend only)."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if backend == "torch":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda"  # TensorRT runs on the GPU only

@@ -15,6 +15,8 @@ import click
 
 from blip3v.runtime.backends import BACKENDS
 
+REVISION_KEY = "blip3v.revision"  # click context meta entry set by --revision
+
 
 def _check_seed(ctx, param, value):
     if value is not None and not 0 <= value < 2**63:
@@ -55,26 +57,43 @@ def torch_options(f):
     return f
 
 
+def _keep_revision(ctx, param, value):
+    # Not passed as a parameter, so the commands sharing model_options keep their signatures;
+    # open_engine reads it back from the context.
+    ctx.meta[REVISION_KEY] = value
+
+
 def model_options(f):
-    """--model / --engine / --backend / --device, shared by every command that answers."""
-    f = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="Where to run: cpu, cuda, or (onnxruntime only) the TensorRT execution provider.")(f)
+    """--model / --revision / --engine / --backend / --device, shared by every command that answers."""
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+                     show_default=True,
+                     help="Where to run: auto = cuda where the backend can use it (torch sees a CUDA device; "
+                          "onnxruntime-gpu), else cpu; cpu; cuda; or (onnxruntime only) the TensorRT "
+                          "execution provider.")(f)
     f = click.option("--backend", type=click.Choice(BACKENDS), default=None,
                      help="Inference backend. Default: torch with --model, onnxruntime with --engine.")(f)
     f = click.option("--engine", type=click.Path(path_type=str), default=None,
                      help="Exported engine directory (from `blip3v export`); selects --backend onnxruntime.")(f)
+    f = click.option("--revision", default=None, expose_value=False, callback=_keep_revision,
+                     help="Branch, tag or commit of a Hub --model ORG/NAME. Default: main.")(f)
     f = click.option("--model", type=click.Path(path_type=str), default=None,
-                     help="Checkpoint directory (PyTorch backend). Default: the shipped demo model.")(f)
+                     help="Checkpoint directory or Hub model id ORG/NAME (PyTorch backend; a local directory "
+                          "of the same name wins). Default: the shipped demo model.")(f)
     return f
 
 
-def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
-    """--model/--engine/--backend -> a blip3v.runtime.session.Engine."""
+def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128",
+                revision=None):
+    """--model/--engine/--backend -> a blip3v.runtime.session.Engine. `revision` defaults to the
+    command line's --revision."""
     from blip3v.runtime.backends import open_host
     from blip3v.runtime.session import Engine
 
+    if revision is None:
+        ctx = click.get_current_context(silent=True)
+        revision = ctx.meta.get(REVISION_KEY) if ctx is not None else None
     options = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
-    return Engine(open_host(model, engine, backend, device, **options))
+    return Engine(open_host(model, engine, backend, device, revision=revision, **options))
 
 
 def open_backend(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
@@ -135,6 +154,13 @@ def command(video: Path, questions: tuple[str, ...], extra: tuple[str, ...], mod
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     sampling.validate()
     runner = open_engine(model, engine, backend, device, dtype, decoder, weights, group_size)
+    if getattr(runner.host, "device", None) == "cuda":
+        # The first request's compilation and graph capture, paid and reported apart from the
+        # answer's own timings; compiled kernels go to an on-disk cache (blip3v.runtime.warmup).
+        from blip3v.runtime.warmup import configure_compile_caches, describe, warm_up
+
+        caches = configure_compile_caches()
+        click.echo(describe(warm_up(runner), caches), err=True)
     clip = runner.clip(video)
     for question in asked:
         if as_json:

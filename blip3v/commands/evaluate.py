@@ -15,8 +15,8 @@ from blip3v.commands.ask import BACKENDS, open_backend, torch_options
 @click.option("--model", default=None, help="Checkpoint directory (PyTorch). Default: the shipped demo model.")
 @click.option("--engine", default=None, help="Exported engine directory (ONNX Runtime by default).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Default: torch, or onnxruntime with --engine.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="Where to run.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+              help="Where to run: auto = cuda when the backend sees a usable GPU, else cpu.")
 @torch_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Clips per batch.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N clips.")

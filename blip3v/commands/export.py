@@ -10,7 +10,9 @@ import click
 
 @click.command("export")
 @click.option("--model", "model_dir", type=click.Path(path_type=str), default=None,
-              help="Checkpoint directory to export. Default: the shipped demo model (unless --preset).")
+              help="Checkpoint directory or Hub model id ORG/NAME to export (a local directory of the same "
+                   "name wins). Default: the shipped demo model (unless --preset).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub --model ORG/NAME. Default: main.")
 @click.option("--preset", default=None,
               help="Export a preset with random weights instead (benchmarks and tests), e.g. tiny-gttm.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -28,7 +30,7 @@ import click
                    "buffers (fastest here, ORT only); standard = plain ONNX ops (TensorRT, other runtimes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights for --preset.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
-def command(model_dir, preset, out: Path, frames, precision, opset, max_context, attention, seed,
+def command(model_dir, revision, preset, out: Path, frames, precision, opset, max_context, attention, seed,
             as_json: bool) -> None:
     """Export a checkpoint (or a random-weight preset) to an engine directory.
 
@@ -37,15 +39,29 @@ def command(model_dir, preset, out: Path, frames, precision, opset, max_context,
     graph checked against the PyTorch reference right after export.
     Examples:
       blip3v export --model runs/demo --out engines/demo
+      blip3v export --model Salesforce/xgen-mm-vid-phi3-mini-r-v1.5-128tokens-8frames --out engines/xgen-mm-vid-128
       blip3v export --preset tiny-gttm --out /tmp/tiny --json
     """
-    import torch
-
     from blip3v.errors import InputError
-    from blip3v.export.engine import export_engine, preset_tokenizer
+
+    if model_dir is not None and not model_dir.strip():  # "" would otherwise fall back to the demo model
+        raise InputError("--model is empty: give a checkpoint directory (or leave it out for the demo model)")
 
     if model_dir and preset:
         raise InputError("give either --model or --preset, not both")
+    if revision is not None and not model_dir:
+        raise InputError("--revision selects a version of a Hub model: give --model ORG/NAME")
+    if not preset:  # a Hub id is resolved (or refused) before torch is imported
+        from blip3v.assets import DEMO_MODEL
+        from blip3v.model.hub import checkpoint_source, resolve_checkpoint
+
+        directory = resolve_checkpoint(model_dir or DEMO_MODEL, revision)
+        source = checkpoint_source(model_dir or DEMO_MODEL, directory)
+
+    import torch
+
+    from blip3v.export.engine import export_engine, preset_tokenizer
+
     if preset:
         from blip3v.model.config import preset as preset_config
         from blip3v.model.xgenmm import XGenMMVideoModel
@@ -54,11 +70,9 @@ def command(model_dir, preset, out: Path, frames, precision, opset, max_context,
         torch.manual_seed(seed)
         model, tokenizer, source = XGenMMVideoModel(cfg).eval(), preset_tokenizer(cfg), f"preset:{preset}"
     else:
-        from blip3v.assets import DEMO_MODEL
         from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 
-        directory = model_dir or DEMO_MODEL
-        model, tokenizer, source = load_checkpoint(directory), load_tokenizer(directory), str(directory)
+        model, tokenizer = load_checkpoint(directory), load_tokenizer(directory)
 
     manifest = export_engine(model, tokenizer, out, frames=frames, precision=precision, opset=opset,
                              max_context=max_context, attention=attention, source=source, log=lambda msg: click.echo(msg, err=True))

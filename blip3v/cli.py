@@ -28,6 +28,9 @@ COMMANDS = {
     "build": "build",
     "calibrate": "calibrate",
     "bench": "bench",
+    "batch": "batch",
+    "serve": "serve",
+    "live": "live",
 }
 
 

@@ -371,6 +371,12 @@ class Clip:
         ids = self.host.encode_prompt(check_question(question))
         return self._answer(ids, sampling, on_text, should_stop)
 
+    def answer(self, ids: list[int], sampling: SamplingConfig | None = None,
+               on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Answer:
+        """An answer to a whole prompt given as token ids (one `<image>`; the server's and chat's
+        multi-turn histories), reusing the longest cached prefix like `ask`."""
+        return self._answer(ids, sampling or SamplingConfig(), on_text, should_stop)
+
     def _answer(self, ids: list[int], sampling: SamplingConfig, on_text: Callable[[str], None] | None,
                 should_stop: Callable[[], bool] | None) -> Answer:
         stream = TextStream(self.host.decode, on_text) if on_text is not None else None

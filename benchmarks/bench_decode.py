@@ -29,6 +29,24 @@ every other repeat) and reported as median and min/max over repeats. Speed-up = 
 blip3v time (> 1: blip3v is faster). blip3v's CPU sessions put their weights on huge pages as the
 runtime does (blip3v.runtime.hugepages; the table says how many MiB).
 
+On a GPU (`--device cuda`) the rows are this project's PyTorch fast path (blip3v.model.fast_decode:
+static KV, CUDA-graph step; fp16 and INT4) against what a user would run instead:
+
+  transformers static  `generate(..., cache_implementation="static")`: the one argument with which
+                       transformers allocates a StaticCache and compiles the decoding step itself
+                       (torch.compile, reduce-overhead); the row says whether it did compile
+  onnxruntime          the exported graphs (fp16, INT4 MatMulNBits, GroupQueryAttention) on ONNX
+                       Runtime's CUDA execution provider, when onnxruntime-gpu is installed
+  transformers eager   kept as a reference, never compared against (the peers are faster)
+
+Ratios are against the fastest peer on each metric (INT4, which no peer runs here, against the
+fastest at any precision, marked so), and the floors sit beside them: bytes per decode step over
+the copy bandwidth measured on the GPU, FLOPs over its measured fp16 matmul rate
+(common.gpu_ceilings). The first request of each system (untimed warm-up: compilation, graph
+capture) is reported apart from the steady state; Triton's and inductor's caches go to
+~/.cache/blip3v (blip3v.runtime.warmup) so a second run loads what the first compiled. Rows that
+cannot run here are left out with a note (`select_rows`).
+
 Each system keeps its own design choices in the times: the builder's graph computes logits at
 every prompt position in the prefill (blip3v's graph and transformers' generate, with
 logits_to_keep=1, only at the last); its generator loop is C++, blip3v's and transformers' are
@@ -263,15 +281,22 @@ def build_genai(hf_dir: Path, out: Path, threads: int, log: Log, precision: str 
 
 @dataclass
 class Request:
-    """One timed request: when it started, when each new id was known, and the ids."""
+    """One timed request: when it started, when each new id was known, the ids, and when the call
+    returned (default: at the last id)."""
 
     start: float
     marks: list[float]
     tokens: list[int]
+    end: float | None = None
 
     @property
     def ttft_ms(self) -> float:
         return (self.marks[0] - self.start) * 1e3
+
+    @property
+    def wall_ms(self) -> float:
+        """The whole request, call to return."""
+        return ((self.end if self.end is not None else self.marks[-1]) - self.start) * 1e3
 
     @property
     def decode_ms(self) -> float:
@@ -293,7 +318,10 @@ def timed_request(generate: Callable[[OnToken], Any]) -> Request:
 
     start = time.perf_counter()
     generate(on_token)
-    return Request(start, marks, tokens)
+    return Request(start, marks, tokens, time.perf_counter())
+
+
+ROLES = ("blip3v", "peer", "reference")  # this project; what a user would pick instead; kept to compare only
 
 
 @dataclass
@@ -304,9 +332,18 @@ class System:
     run: Callable[[np.ndarray, int], Request]  # (prompt ids (P,), new tokens) -> Request
     requests: list[Request] = field(default_factory=list)
     huge_pages_mib: float = 0.0  # of its weights (blip3v's CPU sessions, blip3v.runtime.hugepages)
+    role: str = "blip3v"  # one of ROLES: only "peer" rows are what the ratios compare against
+    label: str = ""  # short unique name in the ratios (default: name)
+    first: Request | None = None  # the warm-up request: compilation, capture, allocation (untimed)
+    facts: dict[str, Any] = field(default_factory=dict)  # what the system reported about itself
 
 
-def transformers_system(model, attn: str, precision: str) -> System:
+def transformers_system(model, attn: str, precision: str, cache: str = "dynamic", role: str = "peer") -> System:
+    """transformers' own `generate`, greedy: `cache="dynamic"` is eager PyTorch over its
+    DynamicCache (its default); `cache="static"` passes `cache_implementation="static"`, the one
+    argument with which generate allocates a StaticCache and, on a GPU, compiles the decoding step
+    (torch.compile, mode reduce-overhead: CUDA graphs) on its own; whether it did is read back
+    after each request (`facts["compiled"]`)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -330,21 +367,33 @@ def transformers_system(model, attn: str, precision: str) -> System:
 
     model.config._attn_implementation = attn
     pad = model.generation_config.pad_token_id
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    facts: dict[str, Any] = {}
 
     def run(ids: np.ndarray, n: int) -> Request:
         clock = Clock()
         start = time.perf_counter()
         input_ids = torch.from_numpy(ids.astype(np.int64))[None].to(model.device)  # (1, P)
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, use_cache=True, streamer=clock, pad_token_id=pad)
-        return Request(start, clock.marks, clock.tokens)
+                       do_sample=False, use_cache=True, streamer=clock, pad_token_id=pad, **extra)
+        end = time.perf_counter()
+        if cache == "static":  # generate keeps the compiled call on the model (PreTrainedModel.get_compiled_call)
+            facts["compiled"] = getattr(model, "_compiled_call", None) is not None
+        return Request(start, clock.marks, clock.tokens, end)
 
-    return System("transformers", f"PyTorch eager, {attn}, DynamicCache", precision, run)
+    if cache == "static":
+        variant = f"PyTorch, {attn}, StaticCache, torch.compile of the step (generate's own, on CUDA)"
+        label = "transformers static+compile"
+    else:
+        variant, label = f"PyTorch eager, {attn}, DynamicCache", "transformers eager"
+    return System("transformers", variant, precision, run, role=role, label=label, facts=facts)
 
 
-def blip3v_system(backend, variant: str, precision: str) -> System:
+def blip3v_system(backend, variant: str, precision: str, name: str = "blip3v", role: str = "blip3v",
+                  label: str = "") -> System:
     """A blip3v system: the shipped decode loop (blip3v.runtime.decoding.generate: a new KV cache,
-    one prefill, the steps) over `backend`, no stop ids so every request runs N steps."""
+    one prefill, the steps) over `backend`, no stop ids so every request runs N steps. On a GPU
+    the exported graphs on ONNX Runtime's CUDA provider are a peer (`name`/`role` say so)."""
     from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
 
@@ -357,8 +406,8 @@ def blip3v_system(backend, variant: str, precision: str) -> System:
         return timed_request(lambda on_token: body(ids, n, on_token))
 
     huge = getattr(backend, "huge_pages", None)  # set by blip3v_backend: what create_session collapsed
-    return System("blip3v", variant, precision, run,
-                  huge_pages_mib=huge.bytes / 2**20 if huge is not None else 0.0)
+    return System(name, variant, precision, run, huge_pages_mib=huge.bytes / 2**20 if huge is not None else 0.0,
+                  role=role, label=label)
 
 
 def genai_system(model_dir: Path, precision: str = "fp32") -> System:
@@ -379,17 +428,34 @@ def genai_system(model_dir: Path, precision: str = "fp32") -> System:
             gen.generate_next_token()  # picks from the last logits, running the model first if needed
             marks.append(time.perf_counter())
             tokens.append(int(gen.get_next_tokens()[0]))
-        return Request(start, marks, tokens)
+        return Request(start, marks, tokens, time.perf_counter())
 
-    return System("onnxruntime-genai", "builder model, og.Generator", precision, run)
+    return System("onnxruntime-genai", "builder model, og.Generator", precision, run, role="peer")
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats: int, log: Log) -> None:
-    for s in systems:  # warm-up: same shapes, excluded
-        s.run(prompt, min(new_tokens, 8))
+def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats: int, log: Log) -> list[str]:
+    """One untimed warm-up request per system (kept in `first`: what the first request of a process
+    costs, compilation and graph capture included), then `repeats` timed ones, interleaved. The
+    warm-up has the timed requests' shapes: a compiled step is specialised on the cache length,
+    so a shorter warm-up would leave a recompilation inside the first timed request. A peer that
+    fails its first request (a compiler error on that machine, say) is taken out of `systems`
+    rather than ending the run: -> one note per peer taken out. blip3v's own rows must run."""
+    dropped = []
+    for s in list(systems):
+        try:
+            s.first = s.run(prompt, new_tokens)
+        except Exception as exc:  # noqa: BLE001 (any failure of someone else's stack: reported, not fatal)
+            if s.role == "blip3v":
+                raise
+            systems.remove(s)
+            dropped.append(f"{s.label or s.name} ({s.precision}) failed its first request and is left out: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            log(f"note: {dropped[-1]}")
+            continue
+        log(f"  first request  {s.name:<18} {s.variant[:34]:<34} {s.first.wall_ms / 1e3:8.2f} s")
     for r in range(repeats):
         # Interleaved, so background load hits every system alike, and in reverse order every other
         # repeat, so no system always runs straight after the same neighbour (or always first).
@@ -399,43 +465,69 @@ def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats:
             if len(req.marks) != new_tokens:
                 raise RuntimeError(f"{s.name} ({s.variant}) produced {len(req.marks)} ids, not {new_tokens}")
             s.requests.append(req)
-            log(f"  repeat {r + 1}/{repeats} {s.name:<18} {s.variant:<34} TTFT {req.ttft_ms:8.1f} ms  "
+            log(f"  repeat {r + 1}/{repeats} {s.name:<18} {s.variant[:34]:<34} TTFT {req.ttft_ms:8.1f} ms  "
                 f"decode {req.decode_ms:7.2f} ms/token")
+    return dropped
 
 
 def summarize(systems: list[System]) -> list[dict[str, Any]]:
-    references = {s.precision: s.requests[0].tokens for s in systems if s.name == "transformers"}
+    # greedy ids to compare with: transformers' eager generate at the same precision (for int4,
+    # which transformers does not run: fp32, else fp16)
+    references: dict[str, list[int]] = {}
+    for s in sorted((s for s in systems if s.name == "transformers"), key=lambda s: s.label != "transformers eager"):
+        references.setdefault(s.precision, s.requests[0].tokens)
     rows = []
     for s in systems:
-        # transformers' greedy ids at the same precision (for int4, which transformers does not run: fp32, else fp16)
         reference = references.get(s.precision) or references.get("fp32") or references.get("fp16", [])
         ttft = stats([r.ttft_ms for r in s.requests])
         dec = stats([r.decode_ms for r in s.requests])
+        wall = stats([r.wall_ms for r in s.requests])
         toks = s.requests[0].tokens
         agree = next((i for i, (a, b) in enumerate(zip(toks, reference)) if a != b), min(len(toks), len(reference)))
-        rows.append({"name": s.name, "variant": s.variant, "precision": s.precision,
-                     "huge_pages_mib": round(s.huge_pages_mib, 1),
-                     "ttft_ms": ttft["median"], "ttft_ms_min": ttft["min"], "ttft_ms_max": ttft["max"],
-                     "decode_ms_per_token": dec["median"], "decode_ms_per_token_min": dec["min"],
-                     "decode_ms_per_token_max": dec["max"],
-                     "greedy_prefix_agreeing_with_transformers": agree})
+        row = {"name": s.name, "variant": s.variant, "precision": s.precision, "role": s.role,
+               "label": s.label or s.name, "huge_pages_mib": round(s.huge_pages_mib, 1),
+               "ttft_ms": ttft["median"], "ttft_ms_min": ttft["min"], "ttft_ms_max": ttft["max"],
+               "decode_ms_per_token": dec["median"], "decode_ms_per_token_min": dec["min"],
+               "decode_ms_per_token_max": dec["max"],
+               "request_ms": wall["median"],
+               "greedy_prefix_agreeing_with_transformers": agree, **s.facts}
+        if s.first is not None:  # the first request's one-off cost, apart from the steady state
+            row["first_request_ms"] = s.first.wall_ms
+            row["first_request_ttft_ms"] = s.first.ttft_ms
+            row["first_call_overhead_ms"] = max(0.0, s.first.wall_ms - wall["median"])
+        rows.append(row)
     return rows
 
 
+def _fastest(peers: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    best = min(peers, key=lambda r: r[key])
+    return {"label": best["label"], "precision": best["precision"], "ms": best[key]}
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Speed-up of each blip3v row over each peer at the same precision (peer time / blip3v time),
-    and whether it is at least as fast as the faster peer on each metric."""
+    """Per blip3v row: the speed-up over the FASTEST peer on each metric (peer time / blip3v time;
+    > 1: blip3v is faster), peers being what a user would run instead (role "peer"; an eager
+    reference kept beside them never counts). Peers at the row's precision, or where none ran it
+    (INT4 on a GPU: transformers has no INT4 path here), the fastest at any precision, marked
+    `same_precision: false`. `vs` keeps the speed-up over each non-blip3v row at the precision."""
     out = []
-    for ours in (r for r in rows if r["name"] == "blip3v"):
-        peers = [r for r in rows if r["name"] != "blip3v" and r["precision"] == ours["precision"]]
-        entry = {"blip3v": ours["variant"], "precision": ours["precision"], "vs": {}}
-        for peer in peers:
-            entry["vs"][peer["name"]] = {"ttft_speedup": peer["ttft_ms"] / ours["ttft_ms"],
-                                         "decode_speedup": peer["decode_ms_per_token"] / ours["decode_ms_per_token"]}
-        if peers:
-            entry["target_met"] = {
-                "ttft": ours["ttft_ms"] <= min(p["ttft_ms"] for p in peers),
-                "decode": ours["decode_ms_per_token"] <= min(p["decode_ms_per_token"] for p in peers)}
+    everyone = [r for r in rows if r["role"] != "blip3v"]
+    for ours in (r for r in rows if r["role"] == "blip3v"):
+        entry: dict[str, Any] = {"blip3v": ours["variant"], "precision": ours["precision"], "vs": {}}
+        for other in (r for r in everyone if r["precision"] == ours["precision"]):
+            entry["vs"][other["label"]] = {
+                "ttft_speedup": other["ttft_ms"] / ours["ttft_ms"],
+                "decode_speedup": other["decode_ms_per_token"] / ours["decode_ms_per_token"]}
+        peers = [r for r in everyone if r["role"] == "peer"]
+        same = [r for r in peers if r["precision"] == ours["precision"]]
+        if same or peers:
+            pool = same or peers
+            fastest = {"ttft": _fastest(pool, "ttft_ms"), "decode": _fastest(pool, "decode_ms_per_token")}
+            fastest["ttft"]["speedup"] = fastest["ttft"]["ms"] / ours["ttft_ms"]
+            fastest["decode"]["speedup"] = fastest["decode"]["ms"] / ours["decode_ms_per_token"]
+            entry["fastest_peer"] = {**fastest, "same_precision": bool(same)}
+            entry["target_met"] = {"ttft": fastest["ttft"]["speedup"] >= 1.0,
+                                   "decode": fastest["decode"]["speedup"] >= 1.0}
         if ours["precision"] == "int4":  # the quantization's own gain: the same runtime dense (fp32, else fp16)
             dense = next((r for p in ("fp32", "fp16") for r in rows if r["name"] == "blip3v"
                           and r["precision"] == p and r["variant"] == ours["variant"]), None)
@@ -444,6 +536,70 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry["decode_speedup_vs_own_dense"] = dense["decode_ms_per_token"] / ours["decode_ms_per_token"]
         out.append(entry)
     return out
+
+
+# ----------------------------------------------------------------------------- which rows
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One row a run will time: `kind` says which builder makes it."""
+
+    kind: str  # "transformers-eager" | "transformers-static" | "blip3v-ort" | "ort-cuda" | "blip3v-torch" | "genai"
+    precision: str
+    role: str
+    attention: str = ""  # the exported graph's variant, for the ONNX Runtime rows
+
+
+def select_rows(device_name: str, backends: Sequence[str], precisions: Sequence[str], attentions: Sequence[str],
+                *, ort_cuda: bool, genai: bool) -> tuple[list[Planned], list[str]]:
+    """The rows of one run and a note for each row left out and why. `ort_cuda`: onnxruntime has
+    its CUDA execution provider (onnxruntime-gpu); `genai`: onnxruntime-genai is installed and
+    not skipped. On a GPU the peers are transformers' static cache + torch.compile (generate's one
+    argument) and ONNX Runtime's CUDA provider on the exported graphs; transformers eager stays as
+    a reference. On the CPU: transformers eager and onnxruntime-genai, the defaults there."""
+    cuda = device_name == "cuda"
+    rows: list[Planned] = []
+    notes: list[str] = []
+    dense = [p for p in precisions if p != "int4"]
+    for p in dense:
+        rows.append(Planned("transformers-eager", p, "reference" if cuda else "peer"))
+        if cuda:
+            rows.append(Planned("transformers-static", p, "peer"))
+        if "onnxruntime" in backends and not cuda:
+            rows += [Planned("blip3v-ort", p, "blip3v", a) for a in attentions]
+        if "onnxruntime" in backends and cuda and ort_cuda:
+            rows += [Planned("ort-cuda", p, "peer", a) for a in attentions]
+        if "torch" in backends:
+            rows.append(Planned("blip3v-torch", p, "blip3v"))
+    if not cuda and dense:
+        notes.append("transformers with cache_implementation='static' + torch.compile: GPU-only peer "
+                     "(generate compiles the step on CUDA only), left out on cpu")
+    if cuda and "onnxruntime" in backends and not ort_cuda:
+        notes.append("ONNX Runtime CUDA execution provider: onnxruntime-gpu is not installed here, its rows "
+                     "(fp16, INT4 MatMulNBits, GroupQueryAttention graphs) are left out")
+    if "int4" in precisions:
+        if "onnxruntime" in backends and not cuda:
+            rows.append(Planned("blip3v-ort", "int4", "blip3v", "gqa"))
+        if "onnxruntime" in backends and cuda and ort_cuda:
+            rows.append(Planned("ort-cuda", "int4", "peer", "gqa"))
+        if "torch" in backends and cuda:
+            rows.append(Planned("blip3v-torch", "int4", "blip3v"))
+        if "torch" in backends and not cuda:
+            notes.append("blip3v torch INT4: its Triton kernel runs on CUDA only, left out on cpu")
+        notes.append("transformers int4: no INT4 path without extra quantization packages, no row")
+    if genai:
+        if cuda:
+            notes.append("onnxruntime-genai: the installed build runs on the CPU, left out on cuda")
+        else:
+            rows += [Planned("genai", p, "peer") for p in precisions if p in ("fp32", "int4")]
+            if "fp16" in precisions:
+                notes.append("onnxruntime-genai fp16: the builder makes no fp16 CPU model, no row")
+    else:
+        notes.append("onnxruntime-genai: not installed or skipped, no row")
+    order = {p: i for i, p in enumerate(precisions)}
+    rows.sort(key=lambda r: order[r.precision])  # stable: rows grouped by precision
+    return rows, notes
 
 
 # ----------------------------------------------------------------------------- profile
@@ -513,50 +669,68 @@ def profile_genai(model_dir: Path, prompt: np.ndarray, new_tokens: int, workdir:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| system | variant | precision | TTFT ms (median, min-max) | decode ms/token (median, min-max) "
-            "| greedy ids = transformers' |")
-    lines = [head, "|" + "---|" * 6]
+            "| first request ms (steady) | greedy ids = transformers' |")
+    lines = [head, "|" + "---|" * 7]
     for r in rows:
         pages = f", {r['huge_pages_mib']:.0f} MiB on huge pages" if r.get("huge_pages_mib") else ""
-        lines.append(f"| {r['name']} | {r['variant']}{pages} | {r['precision']} "
+        role = " (reference)" if r.get("role") == "reference" else ""
+        first = (f"{r['first_request_ms']:.1f} ({r['request_ms']:.1f})"
+                 if "first_request_ms" in r else "-")
+        lines.append(f"| {r['name']}{role} | {r['variant']}{pages} | {r['precision']} "
                      f"| {r['ttft_ms']:.1f} ({r['ttft_ms_min']:.1f}-{r['ttft_ms_max']:.1f}) "
                      f"| {r['decode_ms_per_token']:.2f} ({r['decode_ms_per_token_min']:.2f}-"
-                     f"{r['decode_ms_per_token_max']:.2f}) | first {r['greedy_prefix_agreeing_with_transformers']} |")
+                     f"{r['decode_ms_per_token_max']:.2f}) | {first} "
+                     f"| first {r['greedy_prefix_agreeing_with_transformers']} |")
     return "\n".join(lines)
 
 
 def ratio_lines(result: dict[str, Any]) -> list[str]:
+    """One line per blip3v row: its speed-up over the fastest peer on each metric, then over every
+    other row at its precision (the eager reference among them)."""
     lines = []
     for entry in result["ratios"]:
-        parts = [f"{peer}: TTFT x{v['ttft_speedup']:.2f}, decode x{v['decode_speedup']:.2f}"
-                 for peer, v in entry["vs"].items()]
-        met = entry.get("target_met", {})
-        verdict = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
         own = (f" Decode vs blip3v's own {entry['dense_precision']} weights: x{entry['decode_speedup_vs_own_dense']:.2f}."
                if "decode_speedup_vs_own_dense" in entry else "")
-        if not parts:
-            lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}): no peer ran this precision here.{own}")
+        fastest = entry.get("fastest_peer")
+        if fastest is None:
+            lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}): no peer ran here.{own}")
             continue
-        lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}) speed-up (peer time / blip3v time): {'; '.join(parts)}. "
-                     f"Target (at least as fast as the faster peer): {verdict}.{own}")
+        where = "" if fastest["same_precision"] else " (no peer ran this precision: the fastest at any precision)"
+        parts = [f"{m} x{fastest[m]['speedup']:.2f} over {fastest[m]['label']} {fastest[m]['precision']} "
+                 f"({fastest[m]['ms']:.2f} ms{'/token' if m == 'decode' else ''})" for m in ("decode", "ttft")]
+        met = entry.get("target_met", {})
+        verdict = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
+        others = "; ".join(f"{peer}: TTFT x{v['ttft_speedup']:.2f}, decode x{v['decode_speedup']:.2f}"
+                           for peer, v in entry["vs"].items())
+        lines.append(f"- blip3v ({entry['blip3v']}, {entry['precision']}) against the fastest peer{where}: "
+                     f"{'; '.join(parts)}. Target (at least as fast as the fastest peer): {verdict}."
+                     + (f" Each row at {entry['precision']}: {others}." if others else "") + own)
     return lines
 
 
+def note_lines(result: dict[str, Any]) -> list[str]:
+    return [f"- note: {n}" for n in result.get("notes", [])]
+
+
 def floor_lines(result: dict[str, Any]) -> list[str]:
-    """The GPU run's bandwidth floors beside each blip3v decode time."""
+    """The GPU run's floors beside every row's times."""
     floors = result.get("floors")
     if not floors:
         return []
     c = floors["ceilings"]
-    lines = ["", f"Floors (bytes one decode step must read at context {floors['context']}, over the copy bandwidth "
-             f"measured on this GPU, {c['copy_gb_per_s']:.0f} GB/s read + write; fp16 matmul measured "
-             f"{c['matmul_fp16_tflop_per_s']:.0f} TFLOP/s):"]
-    measured = {r["precision"]: r["decode_ms_per_token"] for r in result["systems"] if r["name"] == "blip3v"}
+    lines = ["", f"Floors (measured on this GPU: copy {c['copy_gb_per_s']:.0f} GB/s read + write, fp16 matmul "
+             f"{c['matmul_fp16_tflop_per_s']:.0f} TFLOP/s; decode at the mean context {floors['context']}, TTFT for "
+             f"{floors['prompt_tokens']} prompt tokens):"]
     for precision, f in floors["per_precision"].items():
-        got = measured.get(precision)
-        lines.append(f"- {precision}: {f['bytes_per_token'] / 1e9:.2f} GB/token, floor {f['floor_ms']:.2f} ms "
-                     f"({f['floor_ms_at_3350_gb_per_s']:.2f} ms at the datasheet's 3.35 TB/s)"
-                     + (f"; blip3v {got:.2f} ms/token = {f['floor_ms'] / got:.0%} of the measured bandwidth"
-                        if got else ""))
+        floor = max(f["floor_ms"], f["flop_floor_ms"])
+        beside = "; ".join(f"{r['label'] if r['role'] != 'blip3v' else 'blip3v ' + r['variant'].split(',')[0]} "
+                           f"{r['decode_ms_per_token']:.2f} ms/token ({floor / r['decode_ms_per_token']:.0%} of the "
+                           f"floor's speed), TTFT {r['ttft_ms']:.1f} ms"
+                           for r in result["systems"] if r["precision"] == precision)
+        lines.append(f"- {precision}: {f['bytes_per_token'] / 1e9:.2f} GB/token -> bandwidth floor {f['floor_ms']:.2f} "
+                     f"ms/token ({f['floor_ms_at_3350_gb_per_s']:.2f} ms at the H100 datasheet's 3.35 TB/s); "
+                     f"{f['flops_per_token'] / 1e9:.1f} GFLOP/token -> {f['flop_floor_ms']:.3f} ms; TTFT floor "
+                     f"{f['ttft_floor_ms']:.2f} ms. Beside it: {beside or 'no row'}.")
     return lines
 
 
@@ -584,10 +758,13 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
               f"{cfg['layers']} layers; prompt {cfg['prompt_tokens']} random ids, {cfg['new_tokens']} new tokens "
               f"(greedy, forced to the full count), {cfg['repeats']} timed repeats after one warm-up, interleaved "
               "(order reversed every other repeat). TTFT: prompt ids to the first new id; decode: mean interval "
-              "between the later ids."),
+              "between the later ids; first request: the untimed warm-up request of the same shape (compilation, "
+              "graph capture, allocation) beside the median timed request. Ratios are against the fastest peer "
+              "(what a user would run instead); a row marked (reference) is shown but never compared against."),
              "",
              "```", command, "```", "",
-             table(result["systems"]), "", *ratio_lines(result), *floor_lines(result), ""]
+             table(result["systems"]), "", *ratio_lines(result), *floor_lines(result), "",
+             *(note_lines(result) + [""] if result.get("notes") else [])]
     if result["export_check"]:
         lines += ["Export check of the blip3v graphs against float32 PyTorch (prefill + 4 cached steps): "
                   + ", ".join(f"{k} max abs diff {x:.1e}" for k, x in result["export_check"].items()) + ".", ""]
@@ -665,7 +842,8 @@ def _ort_providers(device_name: str) -> list[str]:
 
 def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, Any]:
     """Times every system on the Phi-3 in `args.lm` (an HF directory), or on a random one of
-    `args.size` / `args.layers` written to a temporary folder when `args.lm` is None."""
+    `args.size` / `args.layers` written to a temporary folder when `args.lm` is None. Which
+    systems: `select_rows` (what is left out and why goes to `notes`)."""
     import copy
 
     import torch
@@ -675,17 +853,32 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    caches = None
+    if cuda:  # compiled kernels and graphs kept on disk between runs (the first request reports the rest)
+        from blip3v.runtime.warmup import configure_compile_caches
+
+        caches = configure_compile_caches()
     backends = list(args.backend)
-    if "onnxruntime" in backends and not _ort_providers(args.device):
-        log("onnxruntime has no CUDA execution provider here (pip install onnxruntime-gpu): its rows are left out")
-        backends.remove("onnxruntime")
-    try:
-        import onnxruntime_genai  # noqa: F401
-        have_genai = not args.skip_genai and not cuda  # the installed build is the CPU one
-    except ImportError:
-        have_genai = False
-        log("onnxruntime-genai is not installed: its row is left out (pip install onnxruntime-genai)")
-    on_disk = "onnxruntime" in backends or have_genai  # the exporter and the builder read an HF directory
+    ort_cuda = cuda and bool(_ort_providers("cuda"))
+    have_genai = False
+    if not args.skip_genai:
+        try:
+            import onnxruntime_genai  # noqa: F401
+            have_genai = True
+        except ImportError:
+            pass
+    plan, notes = select_rows(args.device, backends, args.precision, args.attention, ort_cuda=ort_cuda,
+                              genai=have_genai)
+    for note in notes:
+        log(f"note: {note}")
+    kinds = {(r.kind, r.precision) for r in plan}
+
+    def wanted(kind: str, precision: str | None = None) -> bool:
+        return any(k == kind and (precision is None or p == precision) for k, p in kinds)
+
+    ort_kind = "ort-cuda" if cuda else "blip3v-ort"
+    uses_ort = wanted(ort_kind)
+    on_disk = uses_ort or wanted("genai")  # the exporter and the builder read an HF directory
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -707,58 +900,73 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
         if args.prompt_tokens + args.new_tokens > conf.max_position_embeddings:
             raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
         golden = embeddings = None
-        if "onnxruntime" in backends:
+        if uses_ort:
             golden = decoder_golden(_engine_shim(model))  # float32 reference outputs for the export checks
-            embeddings = model.model.embed_tokens.weight.detach().float().numpy().copy()  # (V, D) rows by id
+            embeddings = model.model.embed_tokens.weight.detach().float().cpu().numpy().copy()  # (V, D) rows by id
+        providers = _ort_providers(args.device) if uses_ort else []
+
+        def ort_system(path: Path, table_p: np.ndarray, attention: str, precision: str) -> System:
+            backend = blip3v_backend(path, table_p, conf, args.threads, providers, attention=attention)
+            if cuda:  # the exported graphs on ONNX Runtime's CUDA provider: a peer on a GPU
+                return blip3v_system(backend, f"CUDA EP, blip3v's exported graph ({attention}), IO binding", precision,
+                                     name="onnxruntime", role="peer", label=f"onnxruntime CUDA EP {attention}")
+            return blip3v_system(backend, ORT_VARIANT.format(attention), precision)
+
         systems, exports, int4_path = [], {}, None
         int4_options = {"block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level}
         fast: dict[str, Any] = {}  # precision -> the torch system's FastDecoder, for the floors
         half = None  # the float16 model on the device, shared by the fp16 and int4 torch systems
+        by_plan: dict[tuple[str, str, str], System] = {}
         for precision in (p for p in args.precision if p != "int4"):
             # a copy per precision for transformers and the export; the reference stays float32.
             pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
-            if "onnxruntime" in backends:
-                exported = export_blip3v(pmodel, work, args.attention, precision, golden, log)
+            if wanted(ort_kind, precision):
+                cpu_model = pmodel if not next(pmodel.parameters()).is_cuda else copy.deepcopy(pmodel).cpu()
+                exported = export_blip3v(cpu_model, work, args.attention, precision, golden, log)
                 exports.update({f"{a} {precision}": e for a, e in exported.items()})
                 table_p = embeddings.astype(DTYPES[precision])
-                systems += [blip3v_system(blip3v_backend(e["path"], table_p, conf, args.threads,
-                                                         _ort_providers(args.device), attention=a),
-                                          ORT_VARIANT.format(a), precision)
-                            for a, e in exported.items()]
+                for a, e in exported.items():
+                    by_plan[(ort_kind, precision, a)] = ort_system(e["path"], table_p, a, precision)
             on_device = not cuda or next(pmodel.parameters()).is_cuda  # built there, or the CPU run
             dmodel = pmodel if on_device else copy.deepcopy(pmodel).to(args.device)
             half = dmodel if cuda and precision == "fp16" else half
-            systems.append(transformers_system(dmodel, args.hf_attention, precision))
-            if "torch" in backends:
-                system, fast[precision] = torch_system(dmodel, precision)
-                systems.append(system)
-        if "int4" in args.precision and "onnxruntime" in backends:
-            fp32_gqa = exports.get("gqa fp32") or export_blip3v(model, work, ["gqa"], "fp32", golden, log)["gqa"]
+            role = "reference" if cuda else "peer"
+            by_plan[("transformers-eager", precision, "")] = transformers_system(dmodel, args.hf_attention, precision,
+                                                                                 role=role)
+            if wanted("transformers-static", precision):  # the same weights: generate keeps its own cache
+                by_plan[("transformers-static", precision, "")] = transformers_system(
+                    dmodel, args.hf_attention, precision, cache="static")
+            if wanted("blip3v-torch", precision):
+                by_plan[("blip3v-torch", precision, "")], fast[precision] = torch_system(dmodel, precision)
+        if wanted(ort_kind, "int4"):
+            fp32_gqa = exports.get("gqa fp32") or export_blip3v(model if not cuda else copy.deepcopy(model).cpu(), work,
+                                                                ["gqa"], "fp32", golden, log)["gqa"]
             int4_path = path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
                                                     args.int4_accuracy_level, log, args.seed)
-            systems.append(blip3v_system(blip3v_backend(path, embeddings, conf, args.threads,
-                                                        _ort_providers(args.device), attention="gqa"),
-                                         ORT_VARIANT.format("gqa"), "int4"))
-        if "int4" in args.precision and "torch" in backends and cuda:  # INT4 Triton kernel; no CPU fast path
+            by_plan[(ort_kind, "int4", "gqa")] = ort_system(path, embeddings, "gqa", "int4")
+        if wanted("blip3v-torch", "int4"):  # INT4 Triton kernel; no CPU fast path
             if half is None:
                 half = copy.deepcopy(model).to(args.device, torch.float16)
             # the FastDecoder swaps Int4Linear into its own layer list; `half` keeps its fp16 weights
-            system, fast["int4"] = torch_system(half, "int4", weights="int4")
-            systems.append(system)
-        if have_genai:  # the builder offers fp32 / int8 / int4 on the CPU, no fp16
-            for precision in (p for p in args.precision if p in ("fp32", "int4")):
-                built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
-                systems.append(genai_system(built, precision))
-        systems.sort(key=lambda x: args.precision.index(x.precision))  # stable: rows grouped by precision
+            by_plan[("blip3v-torch", "int4", "")], fast["int4"] = torch_system(half, "int4", weights="int4")
+        for precision in (p for p in ("fp32", "int4") if wanted("genai", p)):  # the builder: fp32 / int8 / int4
+            built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
+            by_plan[("genai", precision, "")] = genai_system(built, precision)
+        systems = [by_plan[(r.kind, r.precision, r.attention)] for r in plan]
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(3, min(32000, conf.vocab_size - 64), size=args.prompt_tokens)  # ordinary word ids
         log(f"timing: prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.repeats} repeats, "
             f"{args.threads} threads")
-        measure(systems, prompt, args.new_tokens, args.repeats, log)
+        notes += measure(systems, prompt, args.new_tokens, args.repeats, log)
         rows = summarize(systems)
+        for row in rows:
+            if row.get("compiled") is False:
+                notes.append(f"{row['label']} ({row['precision']}): generate did not compile the step here "
+                             "(its auto-compile criteria were not met); timed as it ran")
         result: dict[str, Any] = {
             "systems": rows,
             "ratios": ratios(rows),
+            "notes": notes,
             "device": device(args.threads, cuda),
             "versions": versions(),
             "config": {"model": described, "device": args.device, "size": args.size if args.lm is None else None,
@@ -771,25 +979,27 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
             "export_check": {a: e["max_abs_diff"] for a, e in exports.items()},
             "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
         }
+        if caches is not None:
+            result["compile_caches"] = caches
         if args.profile:
             result["profile"] = {}
-            if "gqa fp32" in exports:
+            if "gqa fp32" in exports and not cuda:
                 log("profiling one blip3v (gqa) request")
                 result["profile"]["blip3v gqa"] = profile_blip3v(exports["gqa fp32"]["path"], embeddings, conf,
                                                                  args.threads, prompt, args.new_tokens, work)
-            if have_genai and "fp32" in args.precision:
+            if wanted("genai", "fp32"):
                 log("profiling one onnxruntime-genai request")
                 result["profile"]["onnxruntime-genai"] = profile_genai(work / "genai-fp32", prompt, args.new_tokens, work)
-            if int4_path is not None:
+            if int4_path is not None and not cuda:
                 log("profiling one blip3v (gqa, int4) request")
                 result["profile"]["blip3v gqa int4"] = profile_blip3v(int4_path, embeddings, conf, args.threads,
                                                                       prompt, args.new_tokens, work)
-            if have_genai and "int4" in args.precision:
+            if wanted("genai", "int4"):
                 log("profiling one onnxruntime-genai int4 request")
                 result["profile"]["onnxruntime-genai int4"] = profile_genai(work / "genai-int4", prompt,
                                                                             args.new_tokens, work)
         if cuda and fast:
-            result["floors"] = decode_floors(fast, args.prompt_tokens + args.new_tokens // 2, log)
+            result["floors"] = decode_floors(fast, args.prompt_tokens, args.new_tokens, log)
             if args.profile:
                 result.setdefault("profile", {}).update(
                     {f"blip3v torch {p}": profile_torch_step(f, args.prompt_tokens, log) for p, f in fast.items()})
@@ -805,20 +1015,45 @@ def decode_bytes_per_token(fast, context: int) -> int:
     return weights + 2 * len(fast.layers) * fast.kv_heads * context * fast.head_dim * fast.dtype.itemsize
 
 
-def decode_floors(fast: dict[str, Any], context: int, log: Log) -> dict[str, Any]:
-    """The bandwidth floor of one decode step per precision: its bytes over the copy bandwidth
-    measured on this GPU (and over the H100 SXM datasheet's 3.35 TB/s)."""
+def matmul_weights(fast) -> int:
+    """Multiply-adds per token of a FastDecoder's weights: every layer Linear (dense or INT4, counted
+    at its logical shape) and lm_head."""
+    total = 0
+    for module in (*fast.layers.modules(), fast.lm_head):
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            total += int(module.in_features) * int(module.out_features)
+    return total
+
+
+def decode_floors(fast: dict[str, Any], prompt_tokens: int, new_tokens: int, log: Log) -> dict[str, Any]:
+    """The floors of a request per precision, from the ceilings measured on this GPU
+    (common.gpu_ceilings: copy bandwidth, fp16 matmul rate):
+    decode: one step's bytes (weights + the K/V of the mean context P + N/2) over the bandwidth,
+    and its FLOPs (2 per weight + attention) over the matmul rate: the larger is the floor;
+    prefill (TTFT): the weights read once vs 2 FLOPs per weight per prompt token + causal attention."""
     from blip3v.benchmarks.common import gpu_ceilings
 
     ceilings = gpu_ceilings()
+    bandwidth = ceilings["copy_gb_per_s"] * 1e9  # bytes/s
+    rate = ceilings["matmul_fp16_tflop_per_s"] * 1e12  # FLOP/s
     log(f"GPU ceilings: copy {ceilings['copy_gb_per_s']:.0f} GB/s, fp16 matmul "
         f"{ceilings['matmul_fp16_tflop_per_s']:.0f} TFLOP/s")
-    out: dict[str, Any] = {"ceilings": ceilings, "context": context, "per_precision": {}}
+    context = prompt_tokens + new_tokens // 2
+    out: dict[str, Any] = {"ceilings": ceilings, "context": context, "prompt_tokens": prompt_tokens,
+                           "per_precision": {}}
     for precision, f in fast.items():
         n = decode_bytes_per_token(f, context)
+        weights = decode_bytes_per_token(f, 0)
+        macs = matmul_weights(f)
+        attn_width = len(f.layers) * f.layers[0].h_q * f.head_dim  # per query-key pair, all layers and heads
+        step_flops = 2 * macs + 4 * attn_width * context
+        prefill_flops = 2 * macs * prompt_tokens + 4 * attn_width * prompt_tokens * (prompt_tokens + 1) // 2
         out["per_precision"][precision] = {
-            "bytes_per_token": n, "floor_ms": n / ceilings["copy_gb_per_s"] / 1e6,
-            "floor_ms_at_3350_gb_per_s": n / 3350 / 1e6}
+            "bytes_per_token": n, "floor_ms": n / bandwidth * 1e3,
+            "floor_ms_at_3350_gb_per_s": n / 3350e9 * 1e3,
+            "flops_per_token": step_flops, "flop_floor_ms": step_flops / rate * 1e3,
+            "prefill_flops": prefill_flops,
+            "ttft_floor_ms": max(weights / bandwidth, prefill_flops / rate) * 1e3}
     return out
 
 
@@ -910,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(table(result["systems"]))
-        print("\n".join(ratio_lines(result)))
+        print("\n".join([*ratio_lines(result), *floor_lines(result), *note_lines(result)]))
     if args.out_md:
         niceness = os.nice(0)
         command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/bench_decode.py " + \

@@ -3,7 +3,7 @@
     a = mlp(norm(x))                        (..., n, M)   in PyTorch (LayerNorm, Linear, GELU, Linear)
     out[m] = sum_n softmax_n(a)[n, m] x[n]  (..., M, D)   one Triton kernel, on the un-normalised x
 
-This is `blip3v.model.temporal.TokenLearner.forward` (MODEL.md, "Temporal encoders"). Why only the
+This is `blip3v.model.temporal.TokenLearner.forward` (docs/MODEL.md, "Temporal encoders"). Why only the
 second half is a kernel: the MLP is two matmuls over every token (n x D x 2M multiply-adds), which
 cuBLAS already runs near peak, and LayerNorm/GELU are single fused eager kernels; fusing them into
 one Triton program would trade a tuned GEMM for a hand-written one. The second half in eager is a

@@ -105,6 +105,11 @@ class TorchBackend(HostConveniences):
         self.fingerprint = fingerprint or f"torch:{id(model)}"
         if decoder == "auto":
             decoder = "static" if device == "cuda" or weights != "dense" else "reference"
+        self.visual = self.model.encode_video
+        if device == "cuda":  # the visual call captured as a CUDA graph (model/visual_graph.py)
+            from blip3v.model.visual_graph import GraphedVisual
+
+            self.visual = GraphedVisual(self.model)
         self.fast = None
         if decoder == "static":
             from blip3v.model.fast_decode import FastDecoder
@@ -150,7 +155,23 @@ class TorchBackend(HostConveniences):
     def encode_video(self, pixel_values: np.ndarray) -> torch.Tensor:
         """(B, T, 3, S, S) -> video tokens (B, M, D) on the model's device."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
-        return self.model.encode_video(pixels)
+        return self.visual(pixels)
+
+    # The visual path split per frame, as export/split.py's frame.onnx / temporal.onnx (live video,
+    # blip3v.runtime.live): encode_temporal(encode_frames(frames)) is encode_video.
+    @torch.inference_mode()
+    def encode_frames(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) frames -> each frame's resampler latents (B, N, D_vis), float32 numpy."""
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, self.image_size, self.image_size):
+            raise InputError(f"frames must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
+        return self.model.frame_latents(pixels[:, None])[:, 0].float().cpu().numpy()  # (B, 1, N, D) -> (B, N, D)
+
+    @torch.inference_mode()
+    def encode_temporal(self, latents: np.ndarray) -> torch.Tensor:
+        """(B, T, N, D_vis) frame latents -> video tokens (B, M, D) on the model's device."""
+        x = torch.from_numpy(np.ascontiguousarray(latents)).to(self.device, self.dtype)
+        return self.model.vlm.vision_tokenizer.tokens(x)
 
     @torch.inference_mode()
     def splice(self, rows: list[list[int]], video: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:

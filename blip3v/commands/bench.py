@@ -152,9 +152,14 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
 def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_accuracy_level, attention,
            prompt_tokens, new_tokens, repeats, threads, skip_genai, profile, results, quiet, as_json) -> None:
     """Decode ms/token and time to first token: this project's runtimes (named blip3v) against
-    transformers' eager generation and onnxruntime-genai (where installed), same weights, one run.
+    what a user would run instead, same weights, one run. On cpu: transformers' eager generate and
+    onnxruntime-genai (where installed). On cuda: transformers' generate with
+    cache_implementation="static" (it compiles the step itself) and ONNX Runtime's CUDA provider on
+    the exported graphs (with onnxruntime-gpu), eager generate kept as a reference; bandwidth and
+    FLOP floors beside them. Rows that cannot run here are left out with a note.
 
-    Ratios are peer time / blip3v time (> 1: blip3v is faster)."""
+    Ratios are fastest peer time / blip3v time (> 1: blip3v is faster). The first request of each
+    system (compilation, graph capture) is reported apart from the steady state."""
     import argparse
 
     from blip3v.benchmarks import bench_decode as bd
@@ -184,7 +189,7 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(bd.table(result["systems"]))
-    for line in [*bd.ratio_lines(result), *bd.floor_lines(result)]:
+    for line in [*bd.ratio_lines(result), *bd.floor_lines(result), *bd.note_lines(result)]:
         click.echo(line)
 
 
@@ -252,4 +257,41 @@ def session(engine, model, layers, video, repeats, new_tokens, results, quiet, a
     if results:
         name = result["engine"] if engine else model
         _write_results(results, f"Session reuse: {name}", f"`{_command_line()}`\n\n{text}\n")
+    click.echo(json.dumps(result) if as_json else text)
+
+
+@command.command("live")
+@click.option("--engine", type=click.Path(file_okay=False), default=None,
+              help="Engine directory to time (exported with the split graphs). Default: export --model first.")
+@click.option("--model", type=click.Choice(["demo", "real"]), default="demo", show_default=True,
+              help="Without --engine: the shipped demo model, or the released architecture with random weights.")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Decoder layers of --model real (cut for a CPU).")
+@click.option("--video", type=click.Path(dir_okay=False), default=None, help="Clip whose frames both paths see (default: the sample clip).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed rounds after one warm-up.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--memory-frames", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also push this many synthetic frames through a live session and report resident memory (e.g. 10000).")
+@click.option("--results", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table into this markdown file (benchmarks/RESULTS.md) under its own heading.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def live(engine, model, layers, video, repeats, new_tokens, memory_frames, results, quiet, as_json) -> None:
+    """Live video: per-frame encode time and frames per second, and time from a question to its first
+    token in live mode against the full-clip path (`Engine.clip` + ask) on the same frames.
+
+    \b
+    Examples:
+      blip3v bench live                                   # the demo model, exported for this run
+      blip3v bench live --memory-frames 10000             # and resident memory over 10,000 frames
+      blip3v bench live --model real --layers 2 --repeats 2
+    """
+    from blip3v.benchmarks.bench_live import run_live_bench, table
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = run_live_bench(engine, model, layers, video, repeats, new_tokens, memory_frames, log)
+    text = table(result)
+    if results:
+        heading = f"## Live video: {result['engine'] if engine else model}"
+        _write_results(results, heading, f"{heading}\n\n`{_command_line()}`\n\n{text}\n")
     click.echo(json.dumps(result) if as_json else text)

@@ -1,42 +1,86 @@
 """Video input shared by every backend: PyAV decoding, frame choice, preprocessing.
 
-Numpy, Pillow and PyAV only: the ONNX Runtime and TensorRT backends run without torch.
+Numpy, Pillow and PyAV (12 to 19) only: the ONNX Runtime and TensorRT backends run without torch.
 
     frames = read_frames("clip.mp4", 8)        # (T, H, W, 3) uint8 RGB, upright
     pixels = preprocess(frames, 384)           # (T, 3, S, S) float32, normalised
-    pixels = load_clip("clip.mp4", 8, 384)     # both in one call
+    pixels = load_clip("clip.mp4", 8, 384)     # both in one call, each distinct frame converted once
+    for path, pixels in prefetch_clips(paths, 8, 384):   # the next clips decode while this one runs
+        ...                                    # pixels is the InputError of a clip that cannot be read
 
 Which frames: `frame_indices(N, T)` over the N frames the decoder yields for the first video
-stream. How they are found, cheapest first:
+stream (the official window, or the whole clip for clips too short to give T distinct frames from
+it). How they are found, cheapest first:
 
 1. Pillow images (PNG/JPEG/GIF/WebP/BMP/TIFF): Pillow knows the frame count (1 for a still,
-   repeated T times) and seeks to each wanted frame; EXIF orientation is applied.
-2. Seek path: when the header gives a frame count and the demuxer holds an index entry for
-   every frame (mp4, mov, avi), N comes from the header and the presentation timestamp of
-   frame i comes from the index: an evenly spaced index is a constant-rate grid anchored at the
-   first decoded frame; an irregular one (variable frame rate) is resolved by one demux-only
-   pass reading packet pts, which decodes nothing. Each wanted frame is reached by a seek to
-   the keyframe before it and a decode forward to that exact pts (or by decoding on from the
-   previous wanted frame when no keyframe lies between). A seek that lands late is retried
-   further back; any other surprise (a pts that never shows up, a corrupt frame) drops to
-   path 3, so this path is an optimisation, never a different answer.
-3. Decode path: everything else (mkv, webm, ts usually report no count; raw streams; broken
-   indexes). One pass decodes every frame without converting it to RGB, recording its pts and
-   holding the frames themselves while they fit in `HOLD_BUDGET_BYTES`. N is then known; the
-   wanted frames come from what was held, or else from a second pass that seeks to their
-   recorded pts (and, failing that, decodes sequentially up to the last wanted frame).
+   repeated T times) and seeks to each wanted frame; EXIF orientation is applied. The declared size
+   is checked before anything is decoded (`MAX_IMAGE_PIXELS`; a JPEG over it is decoded at 1/2,
+   1/4 or 1/8 scale by its own DCT scaling instead), and Pillow's warnings never reach stderr.
+2. Seek path: a table of every frame's presentation time (pts) and of the keyframes, from
+   - the demuxer's index when it holds an entry for every frame at a constant rate (mp4, mov,
+     avi): a grid anchored at the first decoded frame, nothing else read; or else
+   - one demux-only pass reading each packet's pts, keyframe flag and byte position, decoding
+     nothing (mkv, webm, MPEG-TS, variable-rate mp4, and every container on PyAV < 14, which has
+     no index access).
+   Each wanted frame is reached by a seek to the keyframe before it. The landing is checked: the
+   packets before that keyframe are skipped (MPEG-TS seeks by timestamp and may land early), and a
+   landing after it is retried from further back, last from the start. The decoder then runs to
+   that exact pts and stops (or decodes on from the previous wanted frame when no keyframe lies
+   between); h264 frames that nothing references and that are not wanted are not decoded at all
+   (`skip_frame` NONREF per packet). Any surprise (a pts missing or not in the table, a corrupt
+   frame, interlaced frames in a packet-counted table, any error) drops to path 3, so this path is
+   an optimisation, never a different answer.
+3. Decode path: everything else (raw streams, broken indexes). One pass decodes every frame
+   without converting it, recording its pts and holding the frames while they fit in
+   `HOLD_BUDGET_BYTES`. N is then known; the wanted frames come from what was held, or else from
+   a second pass that seeks to their recorded pts (and, failing that, decodes sequentially up to
+   the last wanted frame).
 
-Broken input raises `InputError` with one line naming the file; PyAV errors never escape, and
-every decode loop is bounded by `MAX_PACKETS`. A stream that is only partly corrupt yields the
-frames that do decode.
+Frames of at least `THREAD_MIN_PIXELS` decode with the codec's own threads (frame and slice);
+smaller ones decode faster on the calling thread than the threads can be started and fed. Video
+frames, like images, are refused over `MAX_IMAGE_PIXELS` (from the stream's declared size).
+
+Options (keyword arguments of `load_clip`; `read_frames` takes `decoder`, `timings`, `notes`):
+- `decoder`: "cpu" (default), "cuda" (NVDEC through FFmpeg's CUDA hwaccel, PyAV >= 14; a one-line
+  InputError where there is none) or "auto" (CUDA where it opens, else the CPU, with a line in
+  `notes` saying why). Decoded frames are copied back to the host for conversion. On Jetson the
+  hardware decoder is reached through NVIDIA's V4L2/multimedia API, which PyPI's PyAV wheels do not
+  include: there `cuda` fails with that one line and `auto` decodes on the CPU (not tested on a
+  Jetson; an FFmpeg built with Jetson's nvv4l2 decoders would need its own codec names).
+- `aspect`: "squash" (default, as the released image processor: resize to S x S ignoring aspect)
+  or "pad": centre the frame on a square of the mean colour, int(255 * mean) per channel (127 for
+  0.5, as LLaVA-style `expand2square(img, tuple(int(x * 255) for x in image_mean))`), then resize.
+- `scaler`: "pillow" (default: full-resolution RGB, then Pillow's antialiased bicubic, bit for bit
+  what this module has always given) or "ffmpeg": the decoder's converter (swscale bicubic) turns
+  each decoded frame straight into S x S RGB, skipping the full-size RGB array. Not bit-exact; see
+  benchmarks/RESULTS.md ("Video input") for the measured difference. Images always use Pillow.
+
+Timings: pass a dict as `timings` and the video stage adds its parts in milliseconds:
+`video_open` (opening the file, reading headers), `video_index` (the frame table: the index, or
+the demux-only pass), `video_seek` (seeks and the packets skipped to reach a keyframe),
+`video_decode` (demuxing and decoding what is fed to the decoder), `video_convert` (pixel format,
+rotation, resizing, normalising). Every key is present, 0.0 when a part did not run.
+
+Broken input raises `InputError` with one line naming the file: whatever PyAV or Pillow raise
+(FFmpeg errors, but also IndexError from a demuxer meeting a stream that appeared mid-file) is
+turned into that line, and every decode loop is bounded by `MAX_PACKETS`. A stream that is only
+partly corrupt yields the frames that do decode.
 """
 
 from __future__ import annotations
 
 import bisect
+import importlib
+import math
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 
 import av
@@ -48,12 +92,29 @@ from blip3v.errors import InputError
 # Official xGen-MM-Vid inference script: frames at linspace(4, N - 4, T) over the decoded frames.
 EDGE_SKIP = 4
 
-# Formats handed to Pillow. A video container never matches these signatures; JPEG includes
-# MPO (camera JPEGs with extra pictures), which Pillow opens through its JPEG plugin.
-IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+# Formats handed to Pillow, each with its plugin and leading bytes (as the plugins' own _accept
+# checks). A video container never matches these signatures; JPEG includes MPO (camera JPEGs with
+# extra pictures), which Pillow opens through its JPEG plugin. Sniffing first spares every video
+# Pillow's plugin registry: `Image.open(formats=...)` with WEBP or TIFF in the list imports all
+# ~40 plugins, 70-140 ms on the dev box.
+_SIGNATURES = (
+    ("PNG", "PngImagePlugin", (b"\x89PNG\r\n\x1a\n",)),
+    ("JPEG", "JpegImagePlugin", (b"\xff\xd8\xff",)),
+    ("GIF", "GifImagePlugin", (b"GIF87a", b"GIF89a")),
+    ("WEBP", "WebPImagePlugin", (b"RIFF",)),  # and b"WEBP" at offset 8
+    ("BMP", "BmpImagePlugin", (b"BM",)),
+    ("TIFF", "TiffImagePlugin", (b"MM\x00\x2a", b"II\x2a\x00", b"MM\x00\x2b", b"II\x2b\x00")),
+)
+IMAGE_FORMATS = tuple(name for name, _, _ in _SIGNATURES)
 # Of those, the ones whose extra frames are animation; MPO's second frame is a stereo pair
 # and a TIFF's pages are not a clip, so those are read as stills.
 ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")
+# Largest picture decoded (8192 x 8192, 67 MP): above 8K video (33 MP) and 50 MP phone photos, and
+# under Pillow's own bomb warning (89 MP). A PNG claiming 12000 x 12000 is refused from its header.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Pixels an animated image may decode in all: GIF/APNG/WebP frames are deltas, so reaching frame
+# k decodes the k frames before it.
+MAX_ANIMATION_PIXELS = 1 << 30
 
 # Upper bound on packets read in any one decode loop (~90 hours at 30 fps): a finite file always
 # ends first; this only guards against a demuxer that keeps producing packets.
@@ -63,50 +124,76 @@ MAX_BAD_PACKETS = 1_000
 # Decoded (YUV) frame bytes the decode path may hold to avoid a second pass; 256 MiB holds
 # about 85 1080p yuv420 frames or 10 minutes of 320x240.
 HOLD_BUDGET_BYTES = 256 << 20
-# How far back (in known seek points) to retry when a seek lands after the wanted frame.
+# How far back (in keyframes) to seek again when a seek lands after the keyframe it aimed at.
 SEEK_BACKOFF = (1, 4, 16, 64, 256)
+# Frames at least this large decode with the codec's threads; below it thread start-up and
+# hand-over cost more than they save (measured on 128 x 128: 2 ms single-threaded, 5 ms threaded).
+THREAD_MIN_PIXELS = 640 * 360
+# Skip decoding h264 frames that no other frame references and that are not wanted (exact: such
+# a frame cannot change any other). Off only to measure what it saves.
+SKIP_NONREF = True
+
+DECODERS = ("cpu", "cuda", "auto")
+ASPECTS = ("squash", "pad")
+SCALERS = ("pillow", "ffmpeg")
+TIMING_KEYS = ("video_open", "video_index", "video_seek", "video_decode", "video_convert")
 
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
+
+# PyAV <= 18 decodes metadata strictly unless told otherwise, so one stray byte in a title refuses
+# a playable file; PyAV 19 decodes it with surrogateescape and no longer takes the argument.
+_OPEN_KWARGS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+# warnings.catch_warnings swaps process-wide state: one image at a time changes it.
+_IMAGE_LOCK = threading.Lock()
+# Result of the one attempt per process to open each hardware device: None (works) or the reason.
+_HW_STATE: dict[str, str | None] = {}
 
 
 def frame_indices(num_frames: int, num_samples: int) -> list[int]:
     """Indices of the `num_samples` frames the model sees out of `num_frames` decoded ones.
 
-    `linspace(4, N - 4, T)` cast to int, as in the official inference script. Clips too short for
-    that window (N - 4 <= 4) fall back to `linspace(0, N - 1, T)`, repeating frames when N < T;
-    a still image (N = 1) is repeated T times.
+    `linspace(4, N - 4, T)` cast to int, as in the official inference script, wherever that window
+    picks T distinct frames (N >= 15 for T = 8): answers on such clips never move. Shorter clips
+    would see one frame many times (a 9-frame clip gave frame 4 seven times out of 8), so they
+    use the whole clip: `linspace(0, N - 1, T)` when N >= T (distinct frames, first and last
+    included), else the frame under the middle of each of T equal slices of the clip, which shows
+    every frame T / N times rounded up or down; a still image (N = 1) is repeated T times.
     """
     if num_frames < 1:
         raise ValueError("a clip needs at least one frame")
     if num_frames - EDGE_SKIP > EDGE_SKIP:
         points = np.linspace(EDGE_SKIP, num_frames - EDGE_SKIP, num_samples)
-    else:
-        points = np.linspace(0, num_frames - 1, num_samples)
-    return [min(int(p), num_frames - 1) for p in points]
+        picks = [min(int(p), num_frames - 1) for p in points]
+        if len(set(picks)) == len(picks):
+            return picks
+    if num_frames >= num_samples:
+        return [min(int(p), num_frames - 1) for p in np.linspace(0, num_frames - 1, num_samples)]
+    return [(2 * k + 1) * num_frames // (2 * num_samples) for k in range(num_samples)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
-def read_frames(path: str | os.PathLike[str], num_frames: int) -> np.ndarray:
+def read_frames(
+    path: str | os.PathLike[str],
+    num_frames: int,
+    *,
+    decoder: str = "cpu",
+    timings: dict[str, float] | None = None,
+    notes: list[str] | None = None,
+) -> np.ndarray:
     """The `num_frames` frames `frame_indices` picks from a video or image: (T, H, W, 3) uint8 RGB.
 
     Frames are rotated upright (display matrix for video, EXIF orientation for images). Raises
-    `InputError` for anything that is not a readable video or image.
+    `InputError` for anything that is not a readable video or image. `decoder`, `timings` and
+    `notes`: see the module docstring.
     """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-    name = os.fspath(path)
-    _check_file(name)
-    image = _open_image(name)
-    if image is not None:
-        with image:
-            frames = _image_frames(image, name, num_frames)
-    else:
-        frames = _video_frames(name, num_frames)
-    return _stack(frames)
+    _check_options(decoder=decoder)
+    clock = _Clock(timings)
+    clip = _read(os.fspath(path), num_frames, decoder, None, clock, notes)
+    return _stack([clip.images[i] for i in clip.order])
 
 
 def preprocess(
@@ -114,24 +201,24 @@ def preprocess(
     image_size: int,
     mean: Sequence[float] = _DEFAULT_MEAN,
     std: Sequence[float] = _DEFAULT_STD,
+    *,
+    aspect: str = "squash",
 ) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB frames → (T, 3, S, S) float32 model input.
 
     Each frame is squashed to S×S (aspect ratio ignored) with Pillow bicubic, which antialiases
-    when shrinking, then scaled to [0, 1] and normalised per channel as (x - mean) / std.
+    when shrinking, then scaled to [0, 1] and normalised per channel as (x - mean) / std. With
+    `aspect="pad"` it is first centred on a square of the mean colour (module docstring).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    size = (image_size, image_size)
-    resized = np.stack(
-        [np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BICUBIC)) for f in frames]
-    )  # (T, S, S, 3) uint8
-    x = resized.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (T, S, S, 3)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (T, 3, S, S)
+    _check_options(aspect=aspect)
+    fill = _pad_colour(mean)
+    resized = np.stack([_resize(f, image_size, aspect, fill) for f in frames])  # (T, S, S, 3)
+    return _normalise(resized, mean, std)
 
 
 def load_clip(
@@ -140,13 +227,109 @@ def load_clip(
     image_size: int,
     mean: Sequence[float] = _DEFAULT_MEAN,
     std: Sequence[float] = _DEFAULT_STD,
+    *,
+    aspect: str = "squash",
+    decoder: str = "cpu",
+    scaler: str = "pillow",
+    timings: dict[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
-    """`preprocess(read_frames(path, num_frames), image_size, mean, std)`: (T, 3, S, S) float32."""
-    return preprocess(read_frames(path, num_frames), image_size, mean, std)
+    """`preprocess(read_frames(path, num_frames), image_size, mean, std)`: (T, 3, S, S) float32.
+
+    The same numbers with the default options, but each distinct frame is resized once (a still
+    is not copied T times at full size). Options, `timings` and `notes`: module docstring.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    _check_options(decoder=decoder, aspect=aspect, scaler=scaler)
+    clock = _Clock(timings)
+    fill = _pad_colour(mean)
+    convert = _ScaleInDecoder(image_size, aspect, fill) if scaler == "ffmpeg" else None
+    clip = _read(os.fspath(path), num_frames, decoder, convert, clock, notes)
+    start = time.perf_counter()
+    images = _same_size(clip.images, *clip.images[clip.order[0]].shape[:2])  # as read_frames stacks them
+    resized = [_resize(f, image_size, aspect, fill) for f in images]  # each (S, S, 3)
+    pixels = _normalise(np.stack([resized[i] for i in clip.order]), mean, std)
+    clock.add("video_convert", start)
+    return pixels
+
+
+def prefetch_clips(
+    paths: Iterable[str | os.PathLike[str]],
+    num_frames: int,
+    image_size: int,
+    mean: Sequence[float] = _DEFAULT_MEAN,
+    std: Sequence[float] = _DEFAULT_STD,
+    *,
+    depth: int = 2,
+    workers: int = 1,
+    **options,
+) -> Iterator[tuple[str | os.PathLike[str], np.ndarray | InputError]]:
+    """`(path, load_clip(path, ...))` for each path in order, decoding ahead in background threads.
+
+    Up to `depth` clips beyond the one handed out are read by `workers` threads while the caller
+    computes (PyAV and Pillow release the GIL while they work), so at most `depth + 1` clips of
+    pixels are held. A clip that cannot be read yields its `InputError` in place of the pixels;
+    anything else raised (a bad option) is raised here. `options` are `load_clip`'s keywords.
+    Leaving the loop early cancels the clips not yet started and waits for those running.
+    """
+    if depth < 1 or workers < 1:
+        raise ValueError(f"depth and workers must be at least 1, got {depth} and {workers}")
+    # A bad option is the caller's error, not one clip's: raise it here, not in place of pixels.
+    _check_options(**{k: options[k] for k in ("decoder", "aspect", "scaler") if k in options})
+    options.pop("timings", None)  # one dict cannot take the parts of clips decoding at once
+
+    def one(path):
+        try:
+            return load_clip(path, num_frames, image_size, mean, std, **options)
+        except InputError as e:
+            return e
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blip3v-video")
+    pending: deque = deque()
+    todo = iter(paths)
+    try:
+        for path in todo:  # the first clip and `depth` after it
+            pending.append((path, pool.submit(one, path)))
+            if len(pending) > depth:
+                break
+        while pending:
+            path, future = pending.popleft()
+            yield path, future.result()
+            # The caller is done with that clip: start the next, keeping `depth` ahead.
+            for following in todo:
+                pending.append((following, pool.submit(one, following)))
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors and files
+# Options, timings, errors, files
+
+
+def _check_options(**given: str) -> None:
+    allowed = {"decoder": DECODERS, "aspect": ASPECTS, "scaler": SCALERS}
+    for name, value in given.items():
+        if value not in allowed[name]:
+            raise InputError(f"unknown video {name} {value!r}: expected one of {', '.join(allowed[name])}")
+
+
+class _Clock:
+    """Milliseconds per part of the video stage, added into the caller's `timings` dict."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        if timings is not None:
+            for key in TIMING_KEYS:
+                timings.setdefault(key, 0.0)
+
+    def add(self, key: str, start: float) -> float:
+        """Adds the time since `start` (a perf_counter value) to `key`; returns the time now."""
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[key] += (now - start) * 1e3
+        return now
 
 
 def _input_error(path: str, problem: str) -> InputError:
@@ -157,7 +340,9 @@ def _input_error(path: str, problem: str) -> InputError:
 
 def _av_problem(error: BaseException) -> str:
     # FFmpegError's str() repeats the errno and the file name; strerror is just the reason.
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    if isinstance(error, av.error.FFmpegError):
+        return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _check_file(path: str) -> None:
@@ -176,255 +361,586 @@ def _check_file(path: str) -> None:
         raise _input_error(path, "the file is empty")
 
 
+@dataclass
+class _Clip:
+    """What a read gives: the distinct frames picked and, per model frame, which one it is."""
+
+    images: list[np.ndarray]  # each (H, W, 3) uint8 RGB upright, or (S, S, 3) from _ScaleInDecoder
+    order: list[int]  # T positions into images
+
+
+def _read(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes) -> _Clip:
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    _check_file(path)
+    image = _open_image(path, clock)
+    if image is not None:
+        with image:
+            return _image_frames(image, path, num_frames, clock)
+    return _video_frames(path, num_frames, decoder, convert or _to_rgb, clock, notes)
+
+
+def _picked(picked: dict[int, np.ndarray], wanted: list[int]) -> _Clip:
+    keys = sorted(picked)
+    slot = {index: at for at, index in enumerate(keys)}
+    return _Clip([picked[i] for i in keys], [slot[i] for i in wanted])
+
+
 # ---------------------------------------------------------------------------------------------
 # Images (Pillow)
 
 
-def _open_image(path: str) -> Image.Image | None:
-    """The file as a Pillow image if it has an image signature, else None (try it as a video)."""
+class _QuietPillow:
+    """Pillow's warnings (decompression bomb, odd EXIF, palette transparency) off stderr while
+    one image is opened or decoded; the lock keeps threads from interleaving the filter swap."""
+
+    def __enter__(self):
+        _IMAGE_LOCK.acquire()
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+    def __exit__(self, *exc):
+        try:
+            self.catcher.__exit__(*exc)
+        finally:
+            _IMAGE_LOCK.release()
+
+
+def _image_format(path: str) -> tuple[str, str] | None:
+    """(Pillow format, plugin module) for a file that starts like an image, else None."""
     try:
-        return Image.open(path, formats=IMAGE_FORMATS)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise _input_error(path, e.strerror or str(e)) from None
+    for name, plugin, prefixes in _SIGNATURES:
+        if head.startswith(prefixes) and (name != "WEBP" or head[8:12] == b"WEBP"):
+            return name, plugin
+    return None
+
+
+def _open_image(path: str, clock: _Clock) -> Image.Image | None:
+    """The file as a Pillow image if it has an image signature, else None (try it as a video)."""
+    start = time.perf_counter()
+    found = _image_format(path)
+    if found is None:
+        clock.add("video_open", start)
+        return None
+    try:
+        with _QuietPillow():
+            importlib.import_module(f"PIL.{found[1]}")  # registers the one plugin needed
+            image = Image.open(path, formats=[found[0]])
     except UnidentifiedImageError:
         return None
+    except Image.DecompressionBombError as e:
+        raise _input_error(path, f"image too large to decode ({e})") from None
     except Exception as e:  # noqa: BLE001 - see _image_frames
         raise _input_error(path, f"cannot open image ({type(e).__name__}: {e})") from None
+    finally:
+        clock.add("video_open", start)
+    try:
+        _limit_image_size(image, path)
+    except BaseException as e:
+        image.close()
+        if isinstance(e, Exception) and not isinstance(e, InputError):
+            raise _input_error(path, f"cannot open image ({type(e).__name__}: {e})") from None
+        raise
+    return image
 
 
-def _image_frames(image: Image.Image, path: str, num_frames: int) -> list[np.ndarray]:
+def _limit_frame_size(width: int, height: int, path: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        size = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)"
+        raise _input_error(path, f"frames are {size}, over the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels limit")
+
+
+def _limit_image_size(image: Image.Image, path: str) -> None:
+    """Refuses a declared size over `MAX_IMAGE_PIXELS` before any pixel is decoded; a JPEG over it
+    is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that brings it under instead."""
+    width, height = image.size
+    if width * height <= MAX_IMAGE_PIXELS:
+        return
+    if image.format in ("JPEG", "MPO"):
+        for scale in (2, 4, 8):
+            if math.ceil(width / scale) * math.ceil(height / scale) <= MAX_IMAGE_PIXELS:
+                # draft keeps the image at least the asked size, so this is exactly 1/scale.
+                with _QuietPillow():
+                    image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+                return
+    limit = f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+    size = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)"
+    raise _input_error(path, f"image is {size}, over the {limit} limit")
+
+
+def _image_frames(image: Image.Image, path: str, num_frames: int, clock: _Clock) -> _Clip:
+    start = time.perf_counter()
     picked: dict[int, np.ndarray] = {}
     try:
-        count = getattr(image, "n_frames", 1) if image.format in ANIMATED_FORMATS else 1
-        wanted = frame_indices(count, num_frames)
-        # Ascending order: GIF frames are deltas, seeking backwards re-decodes from the start.
-        for index in sorted(set(wanted)):
-            image.seek(index)
-            upright = ImageOps.exif_transpose(image)
-            picked[index] = np.asarray(upright.convert("RGB"))  # (H, W, 3)
+        with _QuietPillow():
+            count = getattr(image, "n_frames", 1) if image.format in ANIMATED_FORMATS else 1
+            wanted = frame_indices(count, num_frames)
+            width, height = image.size
+            if count > 1 and width * height * (max(wanted) + 1) > MAX_ANIMATION_PIXELS:
+                frames = f"{max(wanted) + 1} frames of {width}x{height}"
+                raise _input_error(path, f"animation too large to decode ({frames})")
+            # Ascending order: GIF frames are deltas, seeking backwards re-decodes from the start.
+            for index in sorted(set(wanted)):
+                image.seek(index)
+                upright = ImageOps.exif_transpose(image)
+                picked[index] = np.asarray(upright.convert("RGB"))  # (H, W, 3)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001
         # Pillow's parsers surface a corrupt file as whatever they trip on (OSError, struct.error,
         # IndexError, SyntaxError...); every one of them means the same thing here.
         raise _input_error(path, f"cannot decode image ({type(e).__name__}: {e})") from None
-    return [picked[i] for i in wanted]
+    finally:
+        clock.add("video_decode", start)
+    return _picked(picked, wanted)
 
 
 # ---------------------------------------------------------------------------------------------
-# Videos (PyAV)
+# Videos (PyAV): opening, decoding, converting
 
 
-def _open_container(path: str) -> av.container.InputContainer:
+def _hwaccel(device: str, software_fallback: bool):
+    """A PyAV HWAccel for `device`, or the reason there is none (str)."""
+    hwaccel = getattr(getattr(av, "codec", None), "hwaccel", None)
+    if hwaccel is None or not hasattr(hwaccel, "HWAccel"):
+        return f"PyAV {av.__version__} has no hardware decoding (PyAV 14 or later has)"
+    if device not in hwaccel.hwdevices_available():
+        return f"this PyAV's FFmpeg has no {device} support"
+    if device not in _HW_STATE:
+        # One try per process: creating the device context is what fails without a GPU/driver.
+        try:
+            hwaccel.HWAccel(device_type=device, allow_software_fallback=False).create(av.codec.Codec("h264", "r"))
+            _HW_STATE[device] = None
+        except Exception as e:  # noqa: BLE001 - any failure means no usable device
+            _HW_STATE[device] = f"cannot open a {device} device ({_av_problem(e)})"
+    if _HW_STATE[device] is not None:
+        return _HW_STATE[device]
+    return hwaccel.HWAccel(device_type=device, allow_software_fallback=software_fallback)
+
+
+def _open_plain(path: str) -> av.container.InputContainer:
     try:
-        # Undecodable metadata bytes are not a reason to refuse a playable file.
-        return av.open(path, metadata_errors="replace")
+        return av.open(path, **_OPEN_KWARGS)
     except av.error.FFmpegError as e:
         problem = f"not a readable video or image: {_av_problem(e)}"
         raise _input_error(path, f"{problem} (truncated, corrupt or not a video)") from None
     except OSError as e:
         raise _input_error(path, e.strerror or str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PyAV's demuxers raise more than FFmpegError
+        raise _input_error(path, f"not a readable video or image: {_av_problem(e)}") from None
 
 
-def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
-    # Cover art in an audio file is a one-picture "video" stream, not a clip.
-    streams = [
-        s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic
-    ]
+def _open_container(path: str, decoder: str, clock: _Clock, notes: list[str] | None):
+    """(container, decoder used): "cuda" or "cpu"."""
+    start = time.perf_counter()
+    try:
+        if decoder == "cpu":
+            return _open_plain(path), "cpu"
+        hw = _hwaccel("cuda", software_fallback=decoder == "auto")
+        if not isinstance(hw, str):
+            try:
+                return av.open(path, hwaccel=hw, **_OPEN_KWARGS), "cuda"
+            except Exception as e:  # noqa: BLE001
+                hw = f"the cuda decoder refused it ({_av_problem(e)})"
+        container = _open_plain(path)  # a file that does not open at all is reported as such
+        if decoder == "cuda":
+            container.close()
+            raise _input_error(path, f"no hardware decoder available: {hw}")
+        if notes is not None:
+            notes.append(f"video decoder auto: decoded on the CPU, {hw}")
+        return container, "cpu"
+    finally:
+        clock.add("video_open", start)
+
+
+def _video_stream(container, path: str):
+    # Cover art in an audio file is a one-picture "video" stream, not a clip (PyAV < 13 cannot tell).
+    attached = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 0)
+    streams = [s for s in container.streams.video if not (attached and s.disposition & attached)]
     if not streams:
         kinds = sorted({s.type for s in container.streams})
         found = f" (only {', '.join(kinds)})" if kinds else ""
         raise _input_error(path, f"no video stream{found}")
     stream = streams[0]
-    # Slice+frame threads: decoding is the cost on every path.
-    stream.thread_type = "AUTO"
+    ctx = stream.codec_context
+    _limit_frame_size(ctx.width or 0, ctx.height or 0, path)
+    if (ctx.width or 0) * (ctx.height or 0) >= THREAD_MIN_PIXELS:
+        stream.thread_type = "AUTO"
     return stream
 
 
-def _video_frames(path: str, num_frames: int) -> list[np.ndarray]:
-    container = _open_container(path)
-    with container:
-        stream = _video_stream(container, path)
-        try:
-            frames = _read_by_seeking(container, stream, num_frames)
-        except av.error.FFmpegError:
-            frames = None  # a seek the demuxer refused: the decode path still works
-    if frames is None:
-        try:
-            frames = _read_by_decoding(path, num_frames)
-        except av.error.FFmpegError as e:  # e.g. a pixel format swscale cannot convert
-            raise _input_error(path, f"decoding failed: {_av_problem(e)}") from None
-    return frames
+def _demux(container, stream) -> Iterator:
+    """Packets of `stream` from the current position, ending quietly at an unreadable stretch.
 
-
-def _decode(container: av.container.InputContainer, stream) -> Iterator[av.VideoFrame]:
-    """Frames of `stream` from the container's current position, in presentation order.
-
-    Never raises an ffmpeg error: a packet the decoder rejects is skipped (up to
-    `MAX_BAD_PACKETS` in a row), and a demuxer error ends the stream after flushing the decoder.
+    Any exception counts: PyAV's demuxer raises IndexError at the end of an MPEG-TS where a
+    stream appeared midway, for one.
     """
-    bad = 0
-    flushed = False
     try:
         for count, packet in enumerate(container.demux(stream)):
             if count >= MAX_PACKETS:
+                return
+            yield packet
+    except Exception:  # noqa: BLE001
+        return
+
+
+def _decode(stream, packets: Iterator, clock: _Clock, keep: set[int] | None = None) -> Iterator:
+    """Frames decoded from `packets`, in presentation order, flushed at the end.
+
+    Never raises: a packet the decoder rejects is skipped (up to `MAX_BAD_PACKETS` in a row).
+    With `keep` (a set of pts) an h264 packet whose pts is not in it is decoded only if another
+    frame references it (skip_frame NONREF): a frame nothing references cannot change any other.
+    """
+    ctx = stream.codec_context
+    skipping = SKIP_NONREF and keep is not None and ctx.name == "h264"
+    mode = None  # unknown: the first packet sets it
+    bad = 0
+    flushed = False
+    packets = iter(packets)
+    try:
+        while True:
+            start = time.perf_counter()
+            packet = next(packets, None)
+            if packet is None:
                 break
             flushed = packet.size == 0  # demux ends with empty packets that drain the decoder
+            if skipping:
+                wanted = flushed or packet.pts is None or packet.pts in keep
+                if mode != ("DEFAULT" if wanted else "NONREF"):
+                    mode = ctx.skip_frame = "DEFAULT" if wanted else "NONREF"
             try:
                 frames = stream.decode(packet)
-            except av.error.FFmpegError:
+            except Exception:  # noqa: BLE001
+                frames = None
+            clock.add("video_decode", start)
+            if frames is None:
                 bad += 1
                 if bad > MAX_BAD_PACKETS:
                     break
                 continue
             bad = 0
             yield from frames
-    except av.error.FFmpegError:
-        pass  # unreadable container data from here on: keep what decoded
-    if not flushed:
-        try:
-            yield from stream.decode(None)
-        except av.error.FFmpegError:
-            pass
+        if not flushed:
+            start = time.perf_counter()
+            if skipping and mode != "DEFAULT":
+                mode = ctx.skip_frame = "DEFAULT"
+            try:
+                frames = stream.decode(None)
+            except Exception:  # noqa: BLE001
+                frames = []
+            clock.add("video_decode", start)
+            yield from frames
+    finally:
+        if skipping and mode != "DEFAULT":
+            ctx.skip_frame = "DEFAULT"  # the next read of this decoder starts from the default
 
 
-def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """A decoded frame as (H, W, 3) uint8 RGB, turned upright by its display matrix."""
-    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+def _rotation(frame) -> int:
+    """The display matrix's counterclockwise angle in degrees (0 without one)."""
+    angle = getattr(frame, "rotation", None)
+    if angle is not None:
+        return angle
+    # PyAV < 13: the matrix as side data, read as av_display_rotation_get does (16.16 fixed point).
+    for data in frame.side_data:
+        if getattr(data.type, "name", str(data.type)) == "DISPLAYMATRIX":
+            m = np.frombuffer(bytes(data), "<i4")[:9] / 65536.0
+            scale = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+            if scale[0] and scale[1]:
+                return int(-math.degrees(math.atan2(m[1] / scale[1], m[0] / scale[0])))
+    return 0
+
+
+def _to_rgb(frame, reformatter) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB, turned upright by its display matrix.
+
+    The same conversion as `frame.to_ndarray(format="rgb24")`, through one reformatter per read:
+    PyAV builds a new swscale context per frame otherwise, 2-4 ms each even for small frames.
+    """
+    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()  # (H, W, 3)
     # `rotation` is the display matrix's counterclockwise angle (av_display_rotation_get), the
     # way np.rot90 turns for k > 0; ffmpeg's autorotate turns the same way (fftools get_rotation
     # and ffmpeg_filter.c: -90, a phone held upright, becomes transpose=clock). Flips in the
     # matrix are ignored: cameras write rotations only.
-    turns = round((frame.rotation or 0) / 90) % 4
+    turns = round(_rotation(frame) / 90) % 4
     return np.rot90(rgb, turns) if turns else rgb
 
 
-def _read_by_seeking(container, stream, num_frames: int) -> list[np.ndarray] | None:
-    """Path 2 of the module docstring; None when it does not apply or meets a surprise."""
+class _ScaleInDecoder:
+    """scaler="ffmpeg": each decoded frame straight to (S, S, 3) uint8 RGB by swscale bicubic,
+    upright, padded per `aspect` (the content scaled to fit, centred on the fill colour)."""
+
+    def __init__(self, size: int, aspect: str, fill: tuple[int, int, int]):
+        self.size, self.aspect, self.fill = size, aspect, fill
+
+    def __call__(self, frame, reformatter) -> np.ndarray:
+        s = self.size
+        turns = round(_rotation(frame) / 90) % 4
+        if self.aspect == "squash":
+            width = height = s
+        else:
+            side = max(frame.width, frame.height)
+            width, height = max(1, round(frame.width * s / side)), max(1, round(frame.height * s / side))
+        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                   interpolation="BICUBIC").to_ndarray()  # (h, w, 3)
+        if turns:
+            rgb = np.rot90(rgb, turns)
+        if rgb.shape[:2] == (s, s):
+            return rgb
+        out = np.empty((s, s, 3), np.uint8)
+        out[:] = self.fill
+        top, left = (s - rgb.shape[0]) // 2, (s - rgb.shape[1]) // 2
+        out[top : top + rgb.shape[0], left : left + rgb.shape[1]] = rgb
+        return out
+
+
+class _Converter:
+    """Applies the read's frame conversion with one reformatter, timing it as video_convert."""
+
+    def __init__(self, convert, clock: _Clock, path: str):
+        self.convert, self.clock, self.path = convert, clock, path
+        self.reformatter = av.video.reformatter.VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        _limit_frame_size(frame.width, frame.height, self.path)  # a stream may change size midway
+        start = time.perf_counter()
+        try:
+            return self.convert(frame, self.reformatter)
+        finally:
+            self.clock.add("video_convert", start)
+
+
+def _video_frames(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes) -> _Clip:
+    container, used = _open_container(path, decoder, clock, notes)
+    converter = _Converter(convert, clock, path)
+    try:
+        with container:
+            stream = _video_stream(container, path)
+            try:
+                clip = _read_by_seeking(container, stream, num_frames, converter, clock)
+            except InputError:
+                raise
+            except Exception:  # noqa: BLE001 - a seek or demux surprise: the decode path still works
+                clip = None
+        if clip is None:
+            clip = _read_by_decoding(path, num_frames, used, converter, clock)
+        return clip
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside PyAV is a file it cannot read
+        raise _input_error(path, f"decoding failed: {_av_problem(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Seek path
+
+
+@dataclass(frozen=True)
+class _Key:
+    """A keyframe packet: presentation and decode time, byte position (-1 when unknown)."""
+
+    pts: int
+    dts: int | None
+    pos: int
+
+
+@dataclass
+class _Table:
+    """What the seek path knows before it decodes a wanted frame."""
+
+    pts: list[int]  # presentation time of frame i, ascending: N = len(pts)
+    keys: list[_Key]  # ascending pts
+    exact: bool  # pts read from every packet (else a constant-rate grid)
+    frames: Iterator | None = None  # a decoder already running (the grid's anchor frame)
+    first: object = None  # that anchor: frame 0
+
+
+class _Surprise(Exception):
+    """The seek path met something it does not handle: the decode path takes over."""
+
+
+def _index_table(container, stream, clock: _Clock) -> _Table | None:
+    """The table from an index with one entry per frame at a constant rate; None (having read
+    nothing) when there is no such index."""
+    start = time.perf_counter()
+    entries = getattr(stream, "index_entries", None)  # PyAV >= 14
     header_count = stream.frames
-    entries = stream.index_entries
-    if header_count <= 0 or len(entries) != header_count:
+    if entries is None or header_count <= 0 or len(entries) != header_count:
         return None
     kept = [e for e in entries if not e.is_discard]  # edit-list trims never reach the output
     if not kept:
         return None
     dts = sorted(e.timestamp for e in kept)
-    count = len(dts)
-
-    frames: Iterator[av.VideoFrame] | None = None
-    last_pts: int | None = None
-    picked: dict[int, np.ndarray] = {}
-    wanted = frame_indices(count, num_frames)
     steps = {b - a for a, b in zip(dts, dts[1:])}
-    if len(steps) <= 1:
-        # Constant rate: frame i is shown at first_pts + i * step (B-frames reorder decoding,
-        # not the grid). Decoding frame 0 gives first_pts and leaves the decoder running.
-        frames = _decode(container, stream)
-        first = next(frames, None)
-        if first is None or first.pts is None:
-            return None
-        step = steps.pop() if steps else 0
-        pts = [first.pts + i * step for i in range(count)]
-        last_pts = first.pts
-        if 0 in wanted:
-            picked[0] = _to_rgb(first)
-    else:
-        # Irregular sample times (variable frame rate): read the packets' pts, decoding nothing.
-        pts = _packet_pts(container, stream)
-        if pts is None or len(pts) != count:
-            return None
-
+    if len(steps) > 1:
+        return None  # variable frame rate: the demux pass reads the real pts
+    clock.add("video_index", start)
+    # Constant rate: frame i is shown at first_pts + i * step (B-frames reorder decoding, not the
+    # grid). Decoding frame 0 gives first_pts and leaves the decoder running.
+    frames = _decode(stream, _demux(container, stream), clock)
+    first = next(frames, None)
+    if first is None or first.pts is None:
+        raise _Surprise("no timestamp on the first frame")
+    step = steps.pop() if steps else 0
+    pts = [first.pts + i * step for i in range(len(dts))]
     # Index timestamps are decode times; a keyframe is shown `delay` ticks later (B-frames).
     delay = max(0, pts[0] - dts[0])
-    keyframes = sorted(e.timestamp + delay for e in kept if e.is_keyframe)  # presentation times
-    for index in sorted(set(wanted) - picked.keys()):
-        target = pts[index]
-        # Decoding on is cheaper than a seek unless a seek would land past where we are.
-        keyframe = _keyframe_before(keyframes, target)
-        if frames is None or last_pts >= target or (keyframe is not None and keyframe > last_pts):
-            frames = _seek(container, stream, target, keyframes)
-            if frames is None:
-                return None
-        frame = _decode_until(frames, target)
-        if frame is None:
-            return None
-        picked[index] = _to_rgb(frame)
-        last_pts = frame.pts
-    return [picked[i] for i in wanted]
+    # Index positions need not be packet positions (avi's point at the chunk header): match by dts.
+    keys = sorted((_Key(e.timestamp + delay, e.timestamp, -1) for e in kept if e.is_keyframe), key=lambda k: k.pts)
+    return _Table(pts, keys, exact=False, frames=frames, first=first)
 
 
-def _packet_pts(container, stream) -> list[int] | None:
-    """Sorted pts of the packets of `stream` from the current position, reading without decoding.
+def _packet_table(container, stream) -> _Table | None:
+    """The table from one demux-only pass: every packet's pts, keyframes with their position.
 
-    None if a packet has no pts. Call it on a freshly opened container to get every frame.
+    None when a packet has no pts (nothing to identify frames by). Call it on a freshly opened
+    container to see every frame.
     """
-    pts = []
-    for count, packet in enumerate(container.demux(stream)):
-        if count >= MAX_PACKETS:
-            return None
+    pts: list[int] = []
+    keys: list[_Key] = []
+    for packet in _demux(container, stream):
         if packet.size == 0 or packet.is_discard:
             continue
         if packet.pts is None:
             return None
         pts.append(packet.pts)
-    return sorted(pts)
+        if packet.is_keyframe:
+            keys.append(_Key(packet.pts, packet.dts, packet.pos if packet.pos is not None else -1))
+    if not pts:
+        return None
+    pts.sort()
+    if any(b <= a for a, b in zip(pts, pts[1:])):
+        return None  # two packets shown at once: pts cannot tell frames apart
+    return _Table(pts, sorted(keys, key=lambda k: k.pts), exact=True)
 
 
-def _keyframe_before(keyframes: list[int], timestamp: int) -> int | None:
-    at = bisect.bisect_right(keyframes, timestamp) - 1
-    return keyframes[at] if at >= 0 else None
+def _read_by_seeking(container, stream, num_frames: int, convert: _Converter, clock: _Clock) -> _Clip | None:
+    """Path 2 of the module docstring; None when it does not apply or meets a surprise."""
+    table = _index_table(container, stream, clock)
+    if table is None:
+        start = time.perf_counter()
+        table = _packet_table(container, stream)
+        clock.add("video_index", start)
+    if table is None:
+        return None
+
+    wanted = frame_indices(len(table.pts), num_frames)
+    keep = {table.pts[i] for i in wanted}
+    known = set(table.pts) if table.exact else None
+    picked: dict[int, np.ndarray] = {}
+    frames, last_pts = table.frames, None
+    if table.first is not None:
+        last_pts = table.first.pts
+        if 0 in wanted:
+            picked[0] = convert(table.first)
+    key_pts = [k.pts for k in table.keys]
+    for index in sorted(set(wanted) - picked.keys()):
+        target = table.pts[index]
+        at = bisect.bisect_right(key_pts, target) - 1
+        # Decoding on is cheaper than a seek unless a keyframe lies between here and the target.
+        if frames is None or last_pts >= target or (at >= 0 and key_pts[at] > last_pts):
+            if at < 0:
+                return None  # no keyframe shown before the target: only decoding from the start finds it
+            if frames is not None:
+                frames.close()  # puts the decoder's skip_frame back before the seek
+            packets = _seek(container, stream, table.keys, at, clock)
+            if packets is None:
+                return None
+            frames = _decode(stream, packets, clock, keep)
+        frame = _decode_until(frames, target, known)
+        if frame is None:
+            return None
+        if table.exact and frame.interlaced_frame:
+            return None  # field pictures may come two packets to a frame: count frames instead
+        picked[index] = convert(frame)
+        last_pts = frame.pts
+    return _picked(picked, wanted)
 
 
-def _seek(container, stream, target: int, points: list[int]):
-    """Frames decoded from a keyframe at or before pts `target`, or None if none is found.
+def _seek(container, stream, keys: list[_Key], at: int, clock: _Clock) -> Iterator | None:
+    """Packets from keyframe `keys[at]` on, or None when no seek reaches it.
 
-    Demuxers differ on whether a seek timestamp means decode or presentation time (mov seeks by
-    presentation time, avi by decode time), an open GOP starts with frames shown before its
-    keyframe, and mpegts seeks by byte estimate, often a GOP late; so when a seek lands after
-    `target` (or at the end), seek again from `SEEK_BACKOFF` entries of `points` (ascending
-    presentation times known to exist: keyframes, or every frame) before the target, and last
-    from the start of the file. A failed try costs one seek and one GOP of decoding.
+    Demuxers differ on what a seek timestamp means (mov and mkv seek by presentation time, avi by
+    decode time, MPEG-TS by a timestamp search that can land a few packets before the keyframe), so
+    the landing is checked: packets before the keyframe are skipped, unread; a landing past it is
+    retried from its decode time, then from `SEEK_BACKOFF` keyframes earlier, last from the start.
     """
-    at = bisect.bisect_right(points, target) - 1
-    tries = [target] + [points[at - back] for back in SEEK_BACKOFF if at - back > 0] + [None]
-    for seek_to in dict.fromkeys(tries):  # in order, without repeats
-        try:
-            if seek_to is None:
-                # AV_TIME_BASE units and no stream: the demuxer's own idea of the start.
-                container.seek(0)
-            else:
-                container.seek(int(seek_to), stream=stream, backward=True)
-        except av.error.FFmpegError:
-            continue  # e.g. no keyframe before this timestamp: try the next
-        frames = _decode(container, stream)
-        first = next(frames, None)
-        if first is not None and first.pts is not None and first.pts <= target:
-            return chain([first], frames)
-    return None
+    start = time.perf_counter()
+    key = keys[at]
+    tries = [key.pts] + ([key.dts] if key.dts is not None else [])
+    tries += [keys[at - back].pts for back in SEEK_BACKOFF if at - back >= 0] + [None]
+    try:
+        for seek_to in dict.fromkeys(tries):  # in order, without repeats
+            try:
+                if seek_to is None:
+                    container.seek(0)  # AV_TIME_BASE units and no stream: the demuxer's start
+                else:
+                    container.seek(int(seek_to), stream=stream, backward=True)
+            except Exception:  # noqa: BLE001 - e.g. no keyframe before this timestamp: try the next
+                continue
+            packets = _demux(container, stream)
+            for packet in packets:
+                if _is_key(packet, key):
+                    return chain([packet], packets)
+                if _is_past(packet, key):
+                    break  # landed late
+        return None
+    finally:
+        clock.add("video_seek", start)
 
 
-def _decode_until(frames: Iterator[av.VideoFrame], target: int) -> av.VideoFrame | None:
+def _is_key(packet, key: _Key) -> bool:
+    if key.pos >= 0 and packet.pos is not None and packet.pos >= 0:
+        return packet.pos == key.pos
+    if key.dts is not None:
+        return packet.is_keyframe and packet.dts == key.dts
+    return packet.is_keyframe and packet.pts == key.pts
+
+
+def _is_past(packet, key: _Key) -> bool:
+    if packet.size == 0:
+        return True  # the end: the keyframe was not after the landing
+    if key.pos >= 0 and packet.pos is not None and packet.pos >= 0:
+        return packet.pos > key.pos
+    return packet.dts is not None and key.dts is not None and packet.dts > key.dts
+
+
+def _decode_until(frames: Iterator, target: int, known: set[int] | None = None):
     """The frame with pts exactly `target`, or None if the stream passes or ends before it.
 
-    A frame flagged corrupt (decoded from missing references after a seek) also gives None:
-    the caller then falls back to decoding from the start, which is never wrong.
+    A frame flagged corrupt (decoded from missing references), or one whose pts the table does not
+    hold (`known`), also gives None: the caller then decodes from the start, which is never wrong.
     """
     for frame in frames:
-        if frame.pts is None or frame.pts > target:
+        if frame.pts is None or frame.pts > target or (known is not None and frame.pts not in known):
             return None
         if frame.pts == target:
             return None if frame.is_corrupt else frame
     return None
 
 
-def _frame_bytes(frame: av.VideoFrame) -> int:
+# ---------------------------------------------------------------------------------------------
+# Decode path
+
+
+def _frame_bytes(frame) -> int:
     return sum(plane.buffer_size for plane in frame.planes)
 
 
-def _read_by_decoding(path: str, num_frames: int) -> list[np.ndarray]:
+def _read_by_decoding(path: str, num_frames: int, decoder: str, convert: _Converter, clock: _Clock) -> _Clip:
     """Path 3 of the module docstring."""
-    with _open_container(path) as container:
+    container, _ = _open_container(path, decoder, clock, None)
+    with container:
         stream = _video_stream(container, path)
         pts: list[int | None] = []
-        held: list[av.VideoFrame] | None = []
+        held: list | None = []
         held_bytes = 0
-        for frame in _decode(container, stream):
+        for frame in _decode(stream, _demux(container, stream), clock):
             pts.append(frame.pts)
             if held is not None:
                 held.append(frame)
@@ -436,59 +952,114 @@ def _read_by_decoding(path: str, num_frames: int) -> list[np.ndarray]:
             raise _input_error(path, problem)
         wanted = frame_indices(len(pts), num_frames)
         if held is not None:
-            cache = {i: _to_rgb(held[i]) for i in set(wanted)}
-            return [cache[i] for i in wanted]
+            return _picked({i: convert(held[i]) for i in set(wanted)}, wanted)
         del held
-        picked = _pick_by_pts(container, stream, pts, wanted)
+        picked = _pick_by_pts(container, stream, pts, wanted, convert, clock)
     if picked is None:
-        picked = _pick_in_order(path, wanted)
+        picked = _pick_in_order(path, wanted, decoder, convert, clock)
     return picked
 
 
-def _pick_by_pts(container, stream, pts: list[int | None], wanted: list[int]):
+def _pick_by_pts(container, stream, pts: list[int | None], wanted: list[int], convert, clock) -> _Clip | None:
     """Wanted frames found by seeking to their recorded pts; None when pts cannot identify them."""
     if any(p is None for p in pts) or any(b <= a for a, b in zip(pts, pts[1:])):
         return None
     picked: dict[int, np.ndarray] = {}
-    try:
-        for index in sorted(set(wanted)):
-            frames = _seek(container, stream, pts[index], pts)
-            frame = _decode_until(frames, pts[index]) if frames is not None else None
-            if frame is None:
-                return None
-            picked[index] = _to_rgb(frame)
-    except av.error.FFmpegError:
-        return None
-    return [picked[i] for i in wanted]
+    for index in sorted(set(wanted)):
+        frames = _seek_near(container, stream, pts[index], pts, clock)
+        frame = _decode_until(frames, pts[index]) if frames is not None else None
+        if frame is None:
+            return None
+        picked[index] = convert(frame)
+    return _picked(picked, wanted)
 
 
-def _pick_in_order(path: str, wanted: list[int]) -> list[np.ndarray]:
+def _seek_near(container, stream, target: int, points: list[int], clock: _Clock) -> Iterator | None:
+    """Frames decoded from a keyframe at or before pts `target` (no keyframe table here: the
+    first decoded frame must not be after the target), or None if no seek finds one."""
+    at = bisect.bisect_right(points, target) - 1
+    tries = [target] + [points[at - back] for back in SEEK_BACKOFF if at - back > 0] + [None]
+    for seek_to in dict.fromkeys(tries):
+        start = time.perf_counter()
+        try:
+            if seek_to is None:
+                container.seek(0)
+            else:
+                container.seek(int(seek_to), stream=stream, backward=True)
+        except Exception:  # noqa: BLE001
+            continue
+        finally:
+            clock.add("video_seek", start)
+        frames = _decode(stream, _demux(container, stream), clock)
+        first = next(frames, None)
+        if first is not None and first.pts is not None and first.pts <= target:
+            return chain([first], frames)
+    return None
+
+
+def _pick_in_order(path: str, wanted: list[int], decoder: str, convert, clock: _Clock) -> _Clip:
     """Wanted frames by counting decoded frames from the start: slow, but needs no timestamps."""
     needed = set(wanted)
     picked: dict[int, np.ndarray] = {}
-    with _open_container(path) as container:
+    container, _ = _open_container(path, decoder, clock, None)
+    with container:
         stream = _video_stream(container, path)
-        for index, frame in enumerate(_decode(container, stream)):
+        for index, frame in enumerate(_decode(stream, _demux(container, stream), clock)):
             if index in needed:
-                picked[index] = _to_rgb(frame)
+                picked[index] = convert(frame)
                 if len(picked) == len(needed):
                     break
     if len(picked) != len(needed):
         raise _input_error(path, "the second decoding pass gave fewer frames than the first")
-    return [picked[i] for i in wanted]
+    return _picked(picked, wanted)
 
 
-def _stack(frames: list[np.ndarray]) -> np.ndarray:
-    """(T, H, W, 3) from frames that may differ in size (streams can change resolution midway).
+# ---------------------------------------------------------------------------------------------
+# Resizing and normalising
 
-    Odd-sized frames are resized bicubic to the first frame's size; `preprocess` squashes every
-    frame to S×S anyway, so this only decides the intermediate size.
-    """
-    height, width = frames[0].shape[:2]
-    same = []
+
+def _pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    # int(255 * m): LLaVA-style expand2square(img, tuple(int(x * 255) for x in image_mean)).
+    return tuple(min(255, max(0, int(255 * m))) for m in mean)  # type: ignore[return-value]
+
+
+def _resize(frame: np.ndarray, size: int, aspect: str, fill: tuple[int, int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 → (S, S, 3) uint8 by Pillow bicubic (antialiased when shrinking)."""
+    height, width = frame.shape[:2]
+    if aspect == "pad" and height != width:
+        side = max(height, width)
+        square = np.empty((side, side, 3), np.uint8)
+        square[:] = fill
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top : top + height, left : left + width] = frame
+        frame = square
+    if frame.shape[:2] == (size, size):
+        return np.ascontiguousarray(frame)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _normalise(resized: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(T, S, S, 3) uint8 → (T, 3, S, S) float32, (x / 255 - mean) / std in float32 per element."""
+    x = np.ascontiguousarray(resized.transpose(0, 3, 1, 2)).astype(np.float32)  # (T, 3, S, S)
+    x /= np.float32(255.0)
+    x -= np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    x /= np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return x
+
+
+def _same_size(frames: list[np.ndarray], height: int, width: int) -> list[np.ndarray]:
+    """Frames of another size resized bicubic to (height, width): streams can change resolution
+    midway. `preprocess` squashes every frame to S×S anyway, so this only decides the intermediate
+    size (kept as it always was, for the same pixels)."""
+    out = []
     for frame in frames:
         if frame.shape[:2] != (height, width):
             image = Image.fromarray(np.ascontiguousarray(frame))
             frame = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
-        same.append(frame)
-    return np.ascontiguousarray(np.stack(same))  # (T, H, W, 3)
+        out.append(frame)
+    return out
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray:
+    """(T, H, W, 3) at the first frame's size (see `_same_size`)."""
+    return np.ascontiguousarray(np.stack(_same_size(frames, *frames[0].shape[:2])))  # (T, H, W, 3)

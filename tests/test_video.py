@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 from fractions import Fraction
 
 import av
@@ -51,11 +54,14 @@ def write_video(
     rotation: int | None = None,
     options: dict[str, str] | None = None,
     bit_rate: int | None = None,
+    title: str | None = None,
 ) -> str:
     """Encode (H, W, 3) uint8 frames; `pts` in milliseconds makes a variable-rate clip."""
     need_encoder(codec)
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w") as container:
+        if title is not None:
+            container.metadata["title"] = title
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if options:
@@ -64,8 +70,9 @@ def write_video(
             stream.bit_rate = bit_rate
         if pts is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation is not None:
+        if rotation is not None and hasattr(stream, "set_display_rotation"):  # PyAV >= 15
             stream.set_display_rotation(rotation)
+            rotation = None
         for i, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             if pts is not None:
@@ -74,7 +81,21 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    if rotation is not None:
+        set_mp4_rotation(path, rotation)
     return str(path)
+
+
+def set_mp4_rotation(path, degrees: int) -> None:
+    """Writes a counterclockwise rotation into an mp4's track matrix (tkhd), the bytes
+    av_display_rotation_set(-degrees) gives, for PyAV versions that cannot set it."""
+    c, s = round(np.cos(np.radians(degrees))), round(np.sin(np.radians(degrees)))
+    identity = struct.pack(">9i", 1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)
+    rotated = struct.pack(">9i", c << 16, -s << 16, 0, s << 16, c << 16, 0, 0, 0, 1 << 30)
+    data = open(path, "rb").read()
+    tkhd = data.index(b"tkhd")
+    at = data.index(identity, tkhd)
+    open(path, "wb").write(data[:at] + rotated + data[at + len(identity) :])
 
 
 def grey_clip(path, count: int = 40, **kwargs) -> str:
@@ -120,13 +141,44 @@ def test_frame_indices_window_and_short_clips():
     assert frame_indices(600, 8)[0] == 4 and frame_indices(600, 8)[-1] == 596
     # N - 4 <= 4: whole clip, frames repeat when N < T.
     assert frame_indices(8, 4) == [0, 2, 4, 7]
-    assert frame_indices(3, 5) == [0, 0, 1, 1, 2]
+    assert frame_indices(3, 5) == [0, 0, 1, 2, 2]
     assert frame_indices(1, 4) == [0, 0, 0, 0]
     for n in range(1, 50):
         picks = frame_indices(n, T)
         assert len(picks) == T and picks == sorted(picks) and 0 <= picks[0] and picks[-1] < n
     with pytest.raises(ValueError):
         frame_indices(0, 8)
+
+
+def test_frame_indices_short_clips_do_not_repeat_a_frame():
+    # linspace(4, 5, 8) gave frame 4 seven times; the whole clip gives 8 distinct frames.
+    assert frame_indices(9, 8) == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert frame_indices(12, 8) == [0, 1, 3, 4, 6, 7, 9, 11]
+    for t in (4, 8, 16, 32):
+        for n in range(t, 400):
+            assert len(set(frame_indices(n, t))) == t, (n, t)
+        for n in range(1, t):  # fewer frames than wanted: each repeated about t / n times
+            picks = frame_indices(n, t)
+            assert set(picks) == set(range(n)) and max(picks.count(i) for i in range(n)) <= -(-t // n)
+    assert frame_indices(2, 8) == [0, 0, 0, 0, 1, 1, 1, 1]  # was seven 0s and one 1
+
+
+def test_frame_indices_unchanged_where_the_window_has_distinct_frames():
+    # The official window, exactly, wherever it picks T distinct frames: answers on normal clips
+    # do not move.
+    for t in (1, 2, 8, 16, 32):
+        for n in range(9, 2000, 7):
+            window = [min(int(p), n - 1) for p in np.linspace(4, n - 4, t)]
+            if len(set(window)) == t:
+                assert frame_indices(n, t) == window
+    assert frame_indices(15, 8) == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_short_clip_reads_distinct_frames(tmp_path):
+    path = grey_clip(tmp_path / "short.mp4", count=9)
+    levels = read_frames(path, T)[:, 16:, 16:].reshape(T, -1).mean(axis=1)
+    assert len(set(np.round((levels - 10) / 6).astype(int))) == T
+    assert_grey_frames(read_frames(path, T), 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,14 +244,32 @@ def test_seek_path_with_many_frames_wanted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("ext", ["mkv", "webm", "ts"])
 def test_container_without_frame_count(tmp_path, ext, monkeypatch):
+    # No frame count in the header: a demux-only pass lists the frames, then the seek path.
     codec = "libvpx-vp9" if ext == "webm" else "libx264"
     path = grey_clip(tmp_path / f"clip.{ext}", codec=codec)
-    assert header_frame_count(path) == 0  # what sends these to the decode path
-    declined = []
-    seek = video._read_by_seeking
-    monkeypatch.setattr(video, "_read_by_seeking", lambda *a: declined.append(seek(*a)))
+    assert header_frame_count(path) == 0
+    forbid(monkeypatch, "_read_by_decoding")
     assert_grey_frames(read_frames(path, T), 40)
-    assert declined == [None]
+
+
+def test_decode_path_for_a_stream_without_timestamps(tmp_path, monkeypatch):
+    # Raw h264 (Annex B) has no container timestamps: frames can only be counted.
+    need_encoder("libx264")
+    path = tmp_path / "clip.h264"
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(grey_frame(i), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    used = []
+    decode = video._read_by_decoding
+    monkeypatch.setattr(video, "_read_by_decoding", lambda *a: used.append(1) or decode(*a))
+    assert_grey_frames(read_frames(path, T), 40)
+    assert used == [1]
 
 
 @pytest.mark.parametrize("ext", ["mkv", "ts"])
@@ -207,6 +277,7 @@ def test_decode_path_second_pass(tmp_path, ext, monkeypatch):
     # With nothing held, the wanted frames come from a second pass: by pts seek, or in order.
     path = grey_clip(tmp_path / f"clip.{ext}", count=40, options={"g": "12"})
     want = np.stack([decode_all(path)[i] for i in frame_indices(40, T)])
+    monkeypatch.setattr(video, "_read_by_seeking", lambda *a: None)  # as for a stream it cannot serve
     monkeypatch.setattr(video, "HOLD_BUDGET_BYTES", 0)
     np.testing.assert_array_equal(read_frames(path, T), want)
     monkeypatch.setattr(video, "_pick_by_pts", lambda *a: None)
@@ -215,7 +286,7 @@ def test_decode_path_second_pass(tmp_path, ext, monkeypatch):
 
 def test_seek_path_falls_back_when_it_cannot_find_a_frame(tmp_path, monkeypatch):
     path = grey_clip(tmp_path / "clip.mp4")
-    monkeypatch.setattr(video, "_decode_until", lambda frames, target: None)
+    monkeypatch.setattr(video, "_decode_until", lambda frames, target, known=None: None)
     # _decode_until also serves the pts-seek second pass; held frames make that moot.
     assert_grey_frames(read_frames(path, T), 40)
 
@@ -437,6 +508,114 @@ def test_truncated_png(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     assert_input_error(path, "image")
+
+
+def test_metadata_that_is_not_utf8(tmp_path):
+    # PyAV <= 18 refuses such a file unless told to replace bad bytes; PyAV 19 no longer takes
+    # that argument (TypeError). Either way the clip reads.
+    clip = tmp_path / "tagged.mp4"
+    grey_clip(clip, title="title XQXQXQ")
+    data = clip.read_bytes()
+    assert data.count(b"XQXQXQ") == 1
+    clip.write_bytes(data.replace(b"XQXQXQ", b"\xffQ\xfeQ\xc3("))  # not UTF-8
+    assert_grey_frames(read_frames(clip, T), 40)
+
+
+def damaged_ts(tmp_path):
+    """A copy of a real MPEG-TS clip, seeded byte mutations until PyAV itself fails on it with
+    something other than an FFmpeg error (PyAV's demuxer raises IndexError when a stream shows up
+    after the header); None if no such mutation turns up (a PyAV that no longer does this)."""
+    data = open(grey_clip(tmp_path / "clip.ts"), "rb").read()
+    rng = random.Random(3)
+    path = tmp_path / "damaged.ts"
+    for _ in range(400):
+        damaged = bytearray(data)
+        for _ in range(64):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        try:
+            with av.open(str(path)) as container:
+                for _ in container.decode(video=0):
+                    pass
+        except av.error.FFmpegError:
+            continue
+        except Exception:  # noqa: BLE001 - what this helper looks for
+            return path
+    return None
+
+
+def test_damaged_ts_where_pyav_raises_a_non_ffmpeg_error(tmp_path):
+    path = damaged_ts(tmp_path)
+    if path is None:
+        pytest.skip("no mutation made this PyAV raise anything but FFmpeg errors")
+    try:
+        frames = read_frames(path, T)
+    except InputError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+    else:
+        assert frames.shape[0] == T and frames.dtype == np.uint8
+
+
+def png_claiming(width: int, height: int, rows: int = 4) -> bytes:
+    """A PNG whose header says width x height RGB but whose data holds only `rows` rows."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\x00" + bytes(3 * width) * rows)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_png_claiming_a_huge_size_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_claiming(12000, 12000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        message = assert_input_error(path, "12000x12000", "limit")
+    assert not caught, [str(w.message) for w in caught]  # no DecompressionBombWarning
+    assert message.count("\n") == 0
+
+
+def test_huge_png_prints_nothing_on_stderr(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_claiming(12000, 12000))
+    code = (
+        "import sys\nfrom blip3v.errors import InputError\nfrom blip3v.runtime.video import load_clip\n"
+        "try:\n    load_clip(sys.argv[1], 8, 32)\nexcept InputError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "12000x12000" in result.stdout
+
+
+def test_image_pixel_limit(tmp_path, monkeypatch):
+    path = tmp_path / "still.png"
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(path)
+    assert read_frames(path, 2).shape == (2, 30, 50, 3)
+    monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 30 * 50 - 1)
+    assert_input_error(path, "50x30", "limit")
+    # Video frames have the same bound, from the stream's declared size.
+    assert_input_error(grey_clip(tmp_path / "clip.mkv"), "frames are 64x48", "limit")
+
+
+def test_jpeg_over_the_limit_is_decoded_at_a_smaller_scale(tmp_path, monkeypatch):
+    # JPEG's DCT scaling: a quarter of the pixels at 1/2 scale, without decoding the full size.
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((64, 96, 3), (200, 100, 50), np.uint8)).save(path, quality=95)
+    monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 64 * 96 // 3)
+    got = read_frames(path, 2)
+    assert got.shape == (2, 32, 48, 3)
+    np.testing.assert_allclose(got[0].reshape(-1, 3).mean(axis=0), (200, 100, 50), atol=3)
+    monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 2)  # too big even at 1/8
+    assert_input_error(path, "limit")
+
+
+def test_animation_pixel_budget(tmp_path, monkeypatch):
+    frames = [np.full((48, 64, 3), 40 * (i % 6), np.uint8) for i in range(30)]
+    path = write_video(tmp_path / "clip.gif", frames, codec="gif", pix_fmt="rgb8")
+    assert read_frames(path, T).shape == (T, 48, 64, 3)
+    monkeypatch.setattr(video, "MAX_ANIMATION_PIXELS", 48 * 64 * 10)
+    assert_input_error(path, "animation too large")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")

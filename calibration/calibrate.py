@@ -6,12 +6,12 @@
 
 The new engine is the old one with its graph files replaced and the manifest extended by a
 `quantization` block (precision, method, sample count, sha256 of the calibration set). It is built
-in a temporary folder beside the output and renamed into place only when complete.
+in a temporary folder beside the output that takes the output's name only when complete
+(blip3v.atomic.atomic_dir).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -86,11 +86,11 @@ def _sizes(directory: Path, names: list[str]) -> dict[str, int]:
 
 def _timings(engine: Path, clips: np.ndarray, question: str, new_tokens: int = 16) -> dict[str, float]:
     """Median visual ms and decode ms/token over a few clips (exactly `new_tokens` tokens each)."""
+    from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
     from blip3v.runtime.ort_backend import OrtBackend
 
     backend = OrtBackend.load(engine)
-    backend.stop_ids = ()
     visual, decode = [], []
     rows = [backend.tokenizer.encode_prompt(question)]
     for i, clip in enumerate(list(clips) * 2):
@@ -99,8 +99,8 @@ def _timings(engine: Path, clips: np.ndarray, question: str, new_tokens: int = 1
         t1 = time.perf_counter()
         embeds, mask = backend.splice(rows, video)
         marks: list[float] = []
-        backend.generate(embeds, mask, SamplingConfig(max_new_tokens=new_tokens),
-                         on_token=lambda _r, _t: marks.append(time.perf_counter()))
+        generate(backend, embeds, mask, SamplingConfig(max_new_tokens=new_tokens), (),  # no stop ids
+                 on_token=lambda _r, _t: marks.append(time.perf_counter()))
         if i >= len(clips):  # the first pass warms up
             visual.append((t1 - t0) * 1e3)
             decode.append((marks[-1] - marks[0]) * 1e3 / (len(marks) - 1))
@@ -111,7 +111,9 @@ def _answers(engine: Path, data: Path) -> dict[str, Any]:
     from blip3v.data.evaluate import evaluate
     from blip3v.runtime.ort_backend import OrtBackend
 
-    return evaluate(OrtBackend.load(engine), data, batch_size=16, progress=False)
+    from blip3v.runtime.session import Engine
+
+    return evaluate(Engine(OrtBackend.load(engine)), data, batch_size=16, progress=False)
 
 
 def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -123,30 +125,23 @@ def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def _write_engine(source: Path, out: Path, graphs: dict[str, onnx.ModelProto], quantization: dict[str, Any]) -> None:
+    from blip3v.atomic import atomic_dir
     from blip3v.calibration.graph import save_model
-    from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, write_manifest
+    from blip3v.runtime.manifest import file_entries, load_manifest, write_manifest
 
-    manifest = json.loads((source / MANIFEST_NAME).read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for name in manifest["files"]:
+    manifest = load_manifest(source, verify_hashes=False).raw  # checked and migrated; hashed by the caller's load
+    files = manifest["files"]
+    with atomic_dir(out) as tmp:  # `out` appears only complete (blip3v/atomic.py)
+        for name in files:
             if not any(name == manifest[g]["file"] or name.startswith(manifest[g]["file"] + ".") for g in graphs):
                 shutil.copy2(source / name, tmp / name)
-        names = [n for n in manifest["files"] if (tmp / n).exists()]
+        names = [n for n in files if (tmp / n).exists()]
         for role, model in graphs.items():
             path = tmp / manifest[role]["file"]
             save_model(model, path)
             names += [p.name for p in tmp.glob(path.name + "*")]
-        manifest["quantization"] = quantization
-        manifest["files"] = file_entries(tmp, sorted(set(names)))
-        write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = dict(manifest, quantization=quantization, files=file_entries(tmp, sorted(set(names))))
+        write_manifest(tmp, manifest)  # checked against the typed model and sealed
 
 
 def calibrate_engine(engine: str | Path, out: str | Path, videos: str | Path | None, opts: CalibrateOptions,

@@ -40,10 +40,13 @@ def _questions(folder: Path, files: list[Path]) -> list[str]:
     qa = folder / "qa.jsonl"
     by_path: dict[str, str] = {}
     if qa.is_file():
-        for line in qa.read_text().splitlines():
+        for lineno, line in enumerate(qa.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                by_path[Path(row["video"]).name] = row["question"]
+                try:
+                    row = json.loads(line)
+                    by_path[Path(row["video"]).name] = str(row["question"])
+                except (ValueError, KeyError, TypeError):  # not JSON, not an object, keys missing
+                    raise InputError(f"{qa}:{lineno}: expected a JSON object with \"video\" and \"question\"") from None
     from blip3v.data.synth import QUESTIONS, SHAPES
 
     generic = [q.format(shape=SHAPES[i % len(SHAPES)], colour="red") for i, q in enumerate(QUESTIONS.values())]

@@ -1,6 +1,8 @@
 """Checkpoint -> engine directory for ONNX Runtime (and later TensorRT):
 
     visual.onnx        pixel_values (B, T, 3, S, S) -> video_tokens (B, M, D)
+    frame.onnx         pixel_values (B, 3, S, S) -> frame_latents (B, N, D_vis)   } the visual path split,
+    temporal.onnx      frame_latents (B, T, N, D_vis) -> video_tokens (B, M, D) } for live video (split.py)
     decoder.onnx       inputs_embeds + mask + positions + in-place KV buffers -> last logits (B, V+3)
     embed_tokens.npy   (additional_vocab_start + 3, D): Phi-3 rows then xGen-MM's extra rows, by token id
     tokenizer.json     the checkpoint's fast tokenizer
@@ -11,7 +13,10 @@ exporter still works in torch 2.13 and is ~10x faster on tiny models, but it is 
 frozen). Each graph is checked right after export against the PyTorch reference on fresh random
 inputs: the visual path on random pixels, the decoder on a left-padded batch for a prefill and
 several cached decode steps (reference: the model's own `decoder` with a transformers cache).
-Everything is written into a temporary sibling folder and renamed into place when complete.
+Everything is written into a temporary sibling folder that replaces the output only when complete
+(blip3v.atomic.atomic_dir: an atomic exchange where the OS has one, so the name is never empty).
+The manifest is built as the runtime's typed model (blip3v.runtime.manifest.EngineSpec) and checked
+by the same code that reads it.
 
     from blip3v.export.engine import export_engine
     export_engine(model, tokenizer, "engines/demo")          # or: blip3v export --model DIR --out DIR
@@ -24,7 +29,6 @@ import datetime
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +38,15 @@ import numpy as np
 import torch
 
 from blip3v import __version__
+from blip3v.atomic import atomic_dir
 from blip3v.errors import EngineError, InputError
 from blip3v.export.graphs import ATTENTION, DecoderGraph, VisualGraph
+from blip3v.export.split import FRAME, TEMPORAL, check_split, export_split, manifest_sections, split_golden
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
-from blip3v.runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, file_entries, write_manifest
+from blip3v.runtime.manifest import (MANIFEST_NAME, DecoderSpec, EmbeddingsSpec, EngineSpec, FileEntry,
+                                     KVCacheSpec, ModelSpec, PromptSpec, TokenizerSpec, VisualSpec, file_entries,
+                                     seal, write_manifest)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Max abs difference to the float32 PyTorch reference. fp16 rounds every weight and activation
@@ -298,29 +306,13 @@ def embedding_table(model: XGenMMVideoModel, dtype: np.dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------------- engine
 
 
-def _prepare_out(out: Path) -> Path:
-    if out.exists():
+def _check_out(out: Path) -> None:
+    """`out` may be absent, empty or an engine directory (replaced); anything else is the user's."""
+    if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise InputError(f"{out} exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
             raise InputError(f"{out} exists and is not an engine directory; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the engine is an ordinary directory
-    return tmp
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames: int | None = None,
@@ -357,14 +349,18 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
     head_dim = int(getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads)
     kv_heads = int(conf.num_key_value_heads)
 
-    tmp = _prepare_out(out)
-    try:
+    if max_context <= cfg.num_video_tokens:
+        raise InputError(f"--max-context must exceed the model's {cfg.num_video_tokens} video tokens")
+    _check_out(out)
+
+    with atomic_dir(out) as tmp:  # replaces `out` only when everything below succeeded
         log(f"[1/6] tokenizer and embedding table ({cfg.additional_vocab_start + cfg.num_additional_tokens} rows)")
         export_tokenizer(model, tokenizer, tmp)
         np.save(tmp / EMBEDDINGS, embedding_table(model, np_dtype))
 
         log("[2/6] reference outputs (float32 PyTorch) on fresh random inputs")
         vis_golden = visual_golden(model, frames)
+        split_ref = split_golden(model, frames)  # frame.onnx / temporal.onnx (export/split.py)
         dec_golden = decoder_golden(model)
         if precision == "fp16":
             model = model.half()
@@ -374,6 +370,10 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
         log(f"[4/6] checking {VISUAL} against PyTorch")
         vis_diff = check_visual(tmp / VISUAL, vis_golden, precision, np_dtype)
         log(f"      video_tokens max abs diff {vis_diff:.2e}")
+        log(f"      exporting {FRAME} + {TEMPORAL} (the visual path split per frame, for live video) and checking them")
+        files += export_split(model, tmp, frames, opset)
+        split_diffs = check_split(tmp, split_ref, vis_golden, precision, np_dtype)
+        log("      " + ", ".join(f"{k} {v:.2e}" for k, v in split_diffs.items()))
 
         log(f"[5/6] exporting {DECODER} ({num_layers} layers, {attention} attention on in-place KV buffers)")
         files += export_decoder(model, tmp / DECODER, opset, attention)
@@ -383,52 +383,34 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
 
         log("[6/6] hashing files and writing the manifest")
         files += [EMBEDDINGS, TOKENIZER]
-        ids = dict(cfg.special_token_ids)
-        manifest = {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "precision": precision,
-            "dtype": np_dtype.name,
-            "model": {
-                "temporal_encoder": cfg.temporal_encoder_config.type,  # informational only
-                "num_frames": frames,
-                "image_size": cfg.image_size,
-                "image_mean": list(cfg.image_mean),
-                "image_std": list(cfg.image_std),
-                "num_video_tokens": int(vis_golden["video_tokens"].shape[1]),
-                "hidden_size": int(conf.hidden_size),
-                "num_logits": int(cfg.num_logits),
-                "num_layers": num_layers,
-                "num_attention_heads": int(conf.num_attention_heads),
-                "num_key_value_heads": kv_heads,
-                "head_dim": head_dim,
-                "max_context": max_context,
-                "sliding_window": getattr(conf, "sliding_window", None),
-            },
-            "visual": {"file": VISUAL, "inputs": {"pixel_values": "pixel_values"},
-                       "outputs": {"video_tokens": "video_tokens"}},
-            "decoder": {
-                "file": DECODER,
-                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids"},
-                "outputs": {"logits": "logits"},
-                "logits": "last",
-                "attention": attention,
+        spec = EngineSpec(
+            precision=precision,
+            dtype=np_dtype.name,
+            model=ModelSpec(
+                temporal_encoder=cfg.temporal_encoder_config.type,  # informational only
+                num_frames=frames, image_size=cfg.image_size,
+                image_mean=tuple(float(x) for x in cfg.image_mean),  # type: ignore[arg-type]
+                image_std=tuple(float(x) for x in cfg.image_std),  # type: ignore[arg-type]
+                num_video_tokens=int(vis_golden["video_tokens"].shape[1]), hidden_size=int(conf.hidden_size),
+                num_logits=int(cfg.num_logits), num_layers=num_layers,
+                num_attention_heads=int(conf.num_attention_heads), num_key_value_heads=kv_heads,
+                head_dim=head_dim, max_context=max_context, sliding_window=getattr(conf, "sliding_window", None)),
+            visual=VisualSpec(file=VISUAL, pixel_values="pixel_values", video_tokens="video_tokens"),
+            decoder=DecoderSpec(
+                file=DECODER, inputs_embeds="inputs_embeds", attention_mask="attention_mask",
+                position_ids="position_ids", logits="logits", attention=attention,
                 # Prefill from an empty cache, then 1 token per call: GQA refuses S > 1 after a
                 # non-empty cache for batch > 1, so the runtime never makes such calls.
-                "calls": "prefill_then_single_tokens",
-                "kv_cache": {"layout": ["batch", "kv_heads", "capacity", "head_dim"], "capacity_axis": 2,
-                             **KV_TEMPLATES, "write_slots": "last S of attention_mask's L",
-                             "update": "group_query_attention" if attention == "gqa" else "scatter_elements",
-                             "past_present_share_buffer": True},
-            },
-            "embeddings": {"file": EMBEDDINGS, "rows": cfg.additional_vocab_start + cfg.num_additional_tokens,
-                           "dim": int(conf.hidden_size), "dtype": np_dtype.name},
-            "tokenizer": {"file": TOKENIZER, "add_special_tokens": False, "padding_side": "left"},
-            "prompt": {"template": cfg.prompt_template, "system": cfg.system_prompt, "image_token": "<image>"},
-            "special_token_ids": ids,
-            "stop_token_ids": list(stop_token_ids(cfg)),
-            "export": {
+                calls="prefill_then_single_tokens",
+                kv_cache=KVCacheSpec(**KV_TEMPLATES,
+                                     update="group_query_attention" if attention == "gqa" else "scatter_elements")),
+            embeddings=EmbeddingsSpec(file=EMBEDDINGS, rows=cfg.additional_vocab_start + cfg.num_additional_tokens,
+                                      dim=int(conf.hidden_size), dtype=np_dtype.name),
+            tokenizer=TokenizerSpec(file=TOKENIZER, add_special_tokens=False, padding_side="left"),
+            prompt=PromptSpec(template=cfg.prompt_template, system=cfg.system_prompt, image_token="<image>"),
+            special_token_ids={k: int(v) for k, v in cfg.special_token_ids.items()},
+            stop_token_ids=tuple(int(i) for i in stop_token_ids(cfg)),
+            export={
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": opset,
                 "versions": _versions(),
@@ -437,11 +419,13 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
                 "validation": {"tolerance": TOLERANCE[precision],
                                "tolerance_rule": "max abs diff" if precision == "fp32" else "max abs diff / max(1, max |ref|)",
                                "visual_max_abs_diff": vis_diff, "decoder_max_abs_diff": dec_diff,
-                               "decoder_steps": 1 + VALIDATION_STEPS},
+                               "decoder_steps": 1 + VALIDATION_STEPS, **split_diffs},
             },
-            "files": file_entries(tmp, files),
-        }
-        write_manifest(tmp, manifest)
+            files={n: FileEntry(e["sha256"], e["bytes"]) for n, e in file_entries(tmp, files).items()},
+            extra=manifest_sections(model, frames),  # optional `frame` / `temporal`: blip3v.runtime.live
+        )
+        manifest = seal(spec)  # checked by the reader's own code: what export writes, the runtime reads
+        write_manifest(tmp, spec)
         # TensorRT compatibility, checked without TensorRT: a gqa export is ONNX Runtime-only by
         # design (the report says so); a standard export that TensorRT could not build fails here.
         from blip3v.export.trt_check import check_engine_dir
@@ -455,10 +439,6 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
             log("      " + trt_report.summary())
         if attention == "standard":
             trt_report.raise_if_failed()
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"engine written to {out}")
     return manifest
 

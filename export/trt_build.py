@@ -7,15 +7,16 @@ Pure logic first (no tensorrt import; unit-tested on any machine): `select_flags
 flags / strongly typed network), `should_pin` (which TensorRT layers stay FP32), `build_settings` and
 `provenance` (what the manifest's `tensorrt` section records) and `stale` (what differs from a
 previous build). Then `_build_plan`, the only code that calls TensorRT, imported lazily.
-Profiles come from blip3v.export.trt_check.derive_profiles (the manifest alone).
+Profiles come from blip3v.export.trt_check.derive_profiles, which takes them from the runtime's one
+derivation of binding shapes (blip3v.runtime.manifest.decoder_shape_ranges / visual_shape_ranges).
 Writes are atomic: plans go to temporary files renamed into place, then the manifest (its `files`
-hashes updated and a `tensorrt` section added) is written to a temporary file and renamed.
+hashes updated and a `tensorrt` section added) is checked, sealed and written by
+blip3v.runtime.manifest.write_manifest (a temporary file, renamed).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from blip3v.errors import EngineError
 from blip3v.export.trt_check import (DEFAULT_MAX_BATCH, PIN_PRECISIONS, PRECISIONS, Profile, check_engine_dir,
                                      derive_profiles, no_qdq_message, profiles_to_json)
-from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, load_manifest
+from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, load_manifest, write_manifest
 from blip3v.runtime.trt_backend import DEVICE_KEYS, CudaRuntime, import_tensorrt, provenance_diff
 
 if TYPE_CHECKING:  # for annotations only: at run time tensorrt is imported inside the functions that use it
@@ -175,7 +176,7 @@ def build_engines(engine_dir: str | Path, precision: str = "fp16", workspace_gb:
     raw = manifest.raw
     report = check_engine_dir(root, max_batch, max_context, precision, verify_hashes=False)
     report.raise_if_failed()
-    ctx = int(max_context or raw["model"]["max_context"])
+    ctx = int(max_context or manifest.spec.model.max_context)
     flags = {g: select_flags(precision, report.graphs[g]["quantization"]) for g in PLANS}
 
     import_tensorrt()  # one clear EngineError if TensorRT is missing
@@ -199,7 +200,7 @@ def build_engines(engine_dir: str | Path, precision: str = "fp16", workspace_gb:
     cache_path = Path(timing_cache) if timing_cache else root / TIMING_CACHE
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else None
     logger = trt.Logger(trt.Logger.WARNING)
-    profiles = derive_profiles(raw, max_batch, ctx)
+    profiles = derive_profiles(manifest, max_batch, ctx)
     tmp_files: list[Path] = []
     pinned: dict[str, int] = {}
     try:
@@ -232,7 +233,7 @@ def build_engines(engine_dir: str | Path, precision: str = "fp16", workspace_gb:
     updated = dict(raw)
     updated["tensorrt"] = section
     updated["files"] = {**raw["files"], **file_entries(root, list(PLANS.values()))}
-    atomic_write(root / MANIFEST_NAME, (json.dumps(updated, indent=2) + "\n").encode())
+    write_manifest(root, updated)  # checked against the typed model and re-sealed (manifest_sha256)
     log(f"wrote {', '.join(PLANS.values())} and updated {MANIFEST_NAME}")
     return section
 

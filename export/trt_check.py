@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from blip3v.errors import EngineError
-from blip3v.runtime.manifest import load_manifest
+from blip3v.runtime.manifest import (DECODER_PROFILE_CALLS, EngineSpec, Manifest, decoder_shape_ranges,
+                                     load_manifest, visual_shape_ranges)
 
 # Op -> opset from which the parser handles it ("" domain). From onnx-tensorrt docs/operators.md
 # (TensorRT 10.x). Ops absent here (Col2Im, ConvInteger, DFT, Det, DynamicQuantizeLinear, MatMulInteger,
@@ -115,46 +116,19 @@ class CheckReport:
 # ----------------------------------------------------------------------------- profiles (pure)
 
 
-def derive_profiles(manifest: dict[str, Any], max_batch: int = DEFAULT_MAX_BATCH,
+def derive_profiles(manifest: dict[str, Any] | Manifest | EngineSpec, max_batch: int = DEFAULT_MAX_BATCH,
                     max_context: int | None = None) -> dict[str, list[Profile]]:
-    """Optimization profiles from the manifest alone (Polygraphy-style min/opt/max per input).
+    """Optimization profiles from the manifest alone (Polygraphy-style min/opt/max per input), from
+    the runtime's one derivation (blip3v.runtime.manifest.visual_shape_ranges / decoder_shape_ranges):
 
     visual: one profile, batch 1..B (opt 1), T/3/S/S fixed by the manifest.
-    decoder: two profiles over the same inputs, so the one engine is tuned for both kinds of call of
-      the manifest's `prefill_then_single_tokens` contract:
-        0 prefill  S in 1..C (opt: the video tokens + a short prompt), L in 1..C
-        1 decode   S = 1, L in 1..C (opt C / 2)
-      KV buffers (B, Hkv, capacity, dh) with capacity 1..C (opt C: the TensorRT runtime allocates the
-      whole context once). C = max_context (default and upper bound: the manifest's)."""
-    if max_batch < 1:
-        raise EngineError("--max-batch must be at least 1")
-    m = manifest["model"]
-    ctx_limit = int(m["max_context"])
-    ctx = int(max_context or ctx_limit)
-    if not 1 <= ctx <= ctx_limit:
-        raise EngineError(f"--max-context must be in 1..{ctx_limit} (the context this engine was exported for)")
-    b = max_batch
-    frame = (int(m["num_frames"]), 3, int(m["image_size"]), int(m["image_size"]))
-    pixels = manifest["visual"]["inputs"]["pixel_values"]
-    visual: Profile = {pixels: ((1, *frame), (1, *frame), (b, *frame))}
-
-    d, kv, dh = int(m["hidden_size"]), int(m["num_key_value_heads"]), int(m["head_dim"])
-    names = manifest["decoder"]["inputs"]
-    cache = manifest["decoder"]["kv_cache"]
-    caches = [cache[role].format(layer=i) for i in range(int(m["num_layers"]))
-              for role in ("past_key", "past_value")]
-    prompt_opt = min(ctx, int(m["num_video_tokens"]) + 64)
-    half = max(1, ctx // 2)
-
-    def decoder_profile(s: tuple[int, int, int], l_opt: int) -> Profile:
-        lo, opt, hi = s
-        return {names["inputs_embeds"]: ((1, lo, d), (1, opt, d), (b, hi, d)),
-                names["attention_mask"]: ((1, 1), (1, l_opt), (b, ctx)),
-                names["position_ids"]: ((1, lo), (1, opt), (b, hi)),
-                **{c: ((1, kv, 1, dh), (1, kv, ctx, dh), (b, kv, ctx, dh)) for c in caches}}
-
-    return {"visual": [visual],
-            "decoder": [decoder_profile((1, prompt_opt, ctx), prompt_opt), decoder_profile((1, 1, 1), half)]}
+    decoder: two profiles over the same inputs (DECODER_PROFILE_CALLS: 0 prefill, 1 decode), so the
+      one engine is tuned for a prompt (or chunk) of S tokens and for single-token steps.
+      C = max_context (default and upper bound: the manifest's)."""
+    spec = manifest.spec if isinstance(manifest, Manifest) else (
+        manifest if isinstance(manifest, EngineSpec) else EngineSpec.from_dict(manifest))
+    return {"visual": [visual_shape_ranges(spec, max_batch)],
+            "decoder": [decoder_shape_ranges(spec, max_batch, max_context, call) for call in DECODER_PROFILE_CALLS]}
 
 
 def profiles_to_json(profiles: dict[str, list[Profile]]) -> dict[str, list[dict[str, dict[str, list[int]]]]]:
@@ -341,7 +315,7 @@ def check_engine_dir(engine_dir: str | Path, max_batch: int = DEFAULT_MAX_BATCH,
         raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     manifest = load_manifest(engine_dir, verify_hashes=verify_hashes)
     report = CheckReport(str(engine_dir))
-    profiles = derive_profiles(manifest.raw, max_batch, max_context)
+    profiles = derive_profiles(manifest, max_batch, max_context)
     for label in ("visual", "decoder"):
         path = manifest.path(label)
         try:

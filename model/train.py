@@ -4,7 +4,10 @@ The model is the same architecture as the release (SigLIP-style tower, Perceiver
 temporal encoder, Phi-3 decoder) at a size a 2-core CPU trains in well under an hour; the
 tokenizer is a word-level one in the released special-token scheme, built from the task's words.
 Loss is on the answer tokens (and the closing `<|end|>`) only. Checkpoints are written in the
-released layout, with `trainer_state.pt` beside them so a run resumes where it stopped.
+released layout, with the trainer state beside them (`trainer_state.json` + `.safetensors`, no
+pickle: model/trainer_state.py) so a run resumes where it stopped. Each save replaces the whole run
+folder atomically (blip3v.atomic.atomic_dir): weights, trainer state and, at the end, training.json
+always belong to the same step, whenever the run is killed.
 
     blip3v train --preset demo --out runs/demo --steps 4000
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +29,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blip3v.atomic import atomic_dir
 from blip3v.data import synth
 from blip3v.errors import InputError
 from blip3v.model.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from blip3v.model.config import DEFAULT_SYSTEM, TemporalConfig, XGenMMConfig, _small
 from blip3v.model.tokenizer import base_vocab_size, build_word_tokenizer, encode_prompt
+from blip3v.model.trainer_state import (STATE_JSON, TrainerState, has_trainer_state, load_trainer_state,
+                                        refuse_legacy, restore_optimizer, restore_rng, rng_states,
+                                        save_trainer_state)
 from blip3v.model.xgenmm import XGenMMVideoModel
 from blip3v.runtime.video import frame_indices, preprocess
 
 # Seeds of the training stream live far from the small seeds users evaluate on; `blip3v eval`
 # on any seed below TRAIN_SEED_BASE is held out by construction.
 TRAIN_SEED_BASE = 1_000_000
-STATE_NAME = "trainer_state.pt"
+STATE_NAME = STATE_JSON  # its presence marks a resumable run folder
+CHECKPOINT_SCRATCH = ".checkpoint"  # save_checkpoint's own folder inside the run folder being written
 
 
 def task_tokenizer():
@@ -160,7 +170,7 @@ class LayoutHead(nn.Module):
     demo, trained with it at weight 1, whose direction answers went from the prior to 0.96-1.00).
     This head reads one frame's latents (N x D, flattened) and predicts the share of every layout
     cell that is not background; its binary cross-entropy, times `TrainConfig.layout_loss`, is added
-    to the answer loss. It lives in `trainer_state.pt` only: checkpoints keep the released layout."""
+    to the answer loss. It lives in the trainer state only: checkpoints keep the released layout."""
 
     def __init__(self, num_latents: int, dim: int, grid: int):
         super().__init__()
@@ -294,36 +304,42 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         raise InputError("the layout loss needs generated clips (their frames are its target), not --data")
     out = Path(out)
     torch.manual_seed(tc.seed)
-    state_path = out / STATE_NAME
-    if state_path.is_file():
+    refuse_legacy(out)  # a pickled trainer_state.pt is never opened
+    state: TrainerState | None = None
+    if has_trainer_state(out):
+        state = load_trainer_state(out)
         model, tokenizer = load_checkpoint(out), load_tokenizer(out)
-        state = torch.load(state_path, weights_only=False, map_location="cpu")  # a GPU run resumes anywhere
-        start, elapsed, history = state["step"], state["elapsed"], state["history"]
-        segments = state.get("segments", [])
+        start, elapsed, history, segments = state.step, state.elapsed, state.history, state.segments
         log(f"resuming {out} at step {start}")
     else:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InputError(f"{out} exists and holds no {STATE_NAME}; choose a new --out")
         tokenizer = task_tokenizer()
         model = init_task_model(preset, tokenizer, tc.position_gain)
-        state, start, elapsed, history, segments = None, 0, 0.0, [], []
+        start, elapsed, history, segments = 0, 0.0, [], []
     model.to(device).train()
     cfg = model.config
     head = None
-    if state is not None and "layout_head" in state and not tc.layout_loss:
-        raise InputError(f"{out} was trained with the layout loss; resume it with --layout-loss "
-                         f"{state['train_config'].get('layout_loss', 1.0):g}")
+    if state is not None and state.layout_head is not None and not tc.layout_loss:
+        weight = state.train_config.get("layout_loss")
+        weight = weight if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight else 1.0
+        raise InputError(f"{out} was trained with the layout loss; resume it with --layout-loss {weight:g}")
     if tc.layout_loss:
         rc = cfg.vision_tokenizer_config
         head = LayoutHead(rc.num_vis_tokens, rc.vis_feature_dim, cfg.image_size // LAYOUT_CELL).to(device)
         if state is not None:
-            if "layout_head" not in state:
+            if state.layout_head is None:
                 raise InputError(f"{out} was trained without the layout loss; resume it without --layout-loss")
-            head.load_state_dict(state["layout_head"])
+            try:
+                head.load_state_dict(state.layout_head)
+            except RuntimeError as exc:
+                raise InputError(f"{out / STATE_NAME}: layout_head does not fit this model "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        restore_optimizer(opt, state, out / STATE_NAME)
+        restore_rng(state, out / STATE_NAME)
     if data is not None:
         stream = FolderStream(data, cfg.num_frames, cfg.image_size, tc.seed, start=start * tc.batch_size)
     else:
@@ -347,13 +363,19 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
 
     log_every = max(1, min(50, tc.steps // 20))  # ~20 points in short runs, every 50 steps in long ones
 
-    def save() -> None:
-        save_checkpoint(model, out, tokenizer)
-        extra = {"layout_head": head.state_dict()} if head is not None else {}
-        torch.save({"step": step, "elapsed": time.perf_counter() - t0, "history": history, "segments": ran(),
-                    "optimizer": opt.state_dict(), "preset": preset, "train_config": tc.__dict__, **extra},
-                   out / (STATE_NAME + ".tmp"))
-        (out / (STATE_NAME + ".tmp")).replace(state_path)
+    def save(summary: dict | None = None) -> None:
+        """The whole run folder in one atomic replacement: weights, trainer state (and training.json)."""
+        with atomic_dir(out) as tmp:
+            save_checkpoint(model, tmp / CHECKPOINT_SCRATCH, tokenizer)
+            for entry in (tmp / CHECKPOINT_SCRATCH).iterdir():  # the released layout: files at the top
+                os.replace(entry, tmp / entry.name)
+            shutil.rmtree(tmp / CHECKPOINT_SCRATCH)
+            save_trainer_state(tmp, TrainerState(
+                step=step, elapsed=time.perf_counter() - t0, preset=preset, train_config=dict(tc.__dict__),
+                history=history, segments=ran(), optimizer=opt.state_dict(),
+                layout_head=head.state_dict() if head is not None else None, rng=rng_states(device)))
+            if summary is not None:
+                (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     aux_ema = None
     for pixels, ids, labels, owner, layout in loader:
@@ -386,8 +408,7 @@ def train(preset: str, out: str | Path, tc: TrainConfig, progress: bool = True,
         if step % tc.save_every == 0 and step < tc.steps:
             save()
     bar.close()
-    save()
     summary = {"preset": preset, "steps": step, "seconds": round(time.perf_counter() - t0, 1),
                "final_ema_loss": ema, "train_config": tc.__dict__, "segments": ran(), "history": history}
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save(summary)
     return summary

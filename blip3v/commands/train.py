@@ -12,7 +12,7 @@ import click
               help="Task preset: `demo` (gttm, 16 tokens) or an ablation preset such as task-tl-16, "
                    "task-mean-16, task-none-128.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint directory (released layout). Re-running resumes from trainer_state.pt.")
+              help="Checkpoint directory (released layout). Re-running resumes from its trainer_state.json (+ .safetensors).")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Train on a folder from `blip3v data synth`. Default: clips generated on the fly "
                    "from training seeds (>= 1,000,000) that evaluation seeds never use.")
@@ -46,6 +46,10 @@ import click
 def command(preset, out, data, steps, batch_size, lr, questions, categories, seed, position_gain, layout_loss,
             save_every, device, workers, quiet, as_json) -> None:
     """Train PRESET into OUT on synthetic video QA (answer-only loss), resumably."""
+    from blip3v.model.trainer_state import refuse_legacy
+
+    refuse_legacy(out)  # before the heavy imports: an old pickled trainer_state.pt is refused at once
+
     from blip3v.data.synth import CATEGORIES
     from blip3v.errors import InputError
     from blip3v.model.train import TrainConfig, train

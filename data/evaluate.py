@@ -17,6 +17,23 @@ from blip3v.data.synth import normalise_answer, read_dataset
 from blip3v.runtime.generation import SamplingConfig
 
 
+def _clips(backend, paths: list[str], depth: int):
+    """Each clip's pixels in order, the next ones decoding in a background thread while the
+    current batch runs (blip3v.runtime.video.prefetch_clips); a clip that cannot be read raises."""
+    host = getattr(backend, "host", None)
+    if host is None:  # a bare backend: no prefetch
+        for path in paths:
+            yield backend.load_video(path)
+        return
+    from blip3v.runtime.video import prefetch_clips
+
+    for _, pixels in prefetch_clips(paths, host.num_frames, host.image_size, host.image_mean, host.image_std,
+                                    depth=depth, **getattr(host, "video_options", {})):
+        if isinstance(pixels, Exception):
+            raise pixels
+        yield pixels
+
+
 def evaluate(backend, data_dir: str | Path, batch_size: int = 16, limit: int | None = None,
              progress: bool = True, max_new_tokens: int = 8) -> dict:
     """-> {"accuracy", "per_category", "n", "seconds", "predictions"} (greedy decoding)."""
@@ -27,9 +44,10 @@ def evaluate(backend, data_dir: str | Path, batch_size: int = 16, limit: int | N
     t0 = time.perf_counter()
     predictions = []
     bar = tqdm(total=len(rows), disable=not progress, desc="eval", unit="clip")
+    clips = _clips(backend, [r["path"] for r in rows], depth=2 * batch_size)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        pixels = np.stack([backend.load_video(r["path"]) for r in chunk])  # (B, T, 3, S, S)
+        pixels = np.stack([next(clips) for _ in chunk])  # (B, T, 3, S, S)
         outputs = backend.answer_batch(pixels, [r["question"] for r in chunk], sampling)
         for r, ids in zip(chunk, outputs):
             predictions.append({"video": r["video"], "question": r["question"], "category": r["category"],

@@ -401,7 +401,7 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
                 position_ids="position_ids", logits="logits", attention=attention,
                 # Prefill from an empty cache, then 1 token per call: GQA refuses S > 1 after a
                 # non-empty cache for batch > 1, so the runtime never makes such calls.
-                calls="prefill_then_single_tokens",
+                calls="chunks",  # a chunk after a cached prefix (sessions; GQA at batch 1, see runtime)
                 kv_cache=KVCacheSpec(**KV_TEMPLATES,
                                      update="group_query_attention" if attention == "gqa" else "scatter_elements")),
             embeddings=EmbeddingsSpec(file=EMBEDDINGS, rows=cfg.additional_vocab_start + cfg.num_additional_tokens,

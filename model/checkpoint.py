@@ -310,7 +310,7 @@ def load_tokenizer(directory: str | Path):
 
     hf_logging.set_verbosity_error()  # config.json's model_type "xgenmm" is unknown to transformers; harmless
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
         raise CheckpointError(
             f"{directory}: cannot load the tokenizer ({type(exc).__name__}: {_first_line(exc)})") from None

@@ -64,11 +64,14 @@ class EngineHost(HostConveniences):
         self.logits_name = dec["outputs"]["logits"]
 
     # -- the pieces TorchBackend also has --------------------------------------------------
-    def load_video(self, path: str | Path) -> np.ndarray:
-        """(T, 3, S, S) float32 through the shared runtime video path."""
+    video_options: dict = {}  # load_clip keywords (aspect, decoder, scaler); part of the clip cache key
+
+    def load_video(self, path: str | Path, timings: dict[str, float] | None = None) -> np.ndarray:
+        """(T, 3, S, S) float32 through the shared runtime video path; `timings` gets its parts (ms)."""
         from blip3v.runtime.video import load_clip
 
-        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std)
+        return load_clip(path, self.num_frames, self.image_size, self.image_mean, self.image_std,
+                         timings=timings, **self.video_options)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

@@ -31,7 +31,7 @@ from blip3v.errors import EngineError, InputError
 from blip3v.runtime.decoding import KVCache
 from blip3v.runtime.host import EngineHost
 from blip3v.runtime.hugepages import Backed, huge_pages
-from blip3v.runtime.manifest import Manifest, load_manifest
+from blip3v.runtime.manifest import Manifest, decoder_shape_ranges, load_manifest, visual_shape_ranges
 
 # --device -> execution providers, most preferred first (ORT falls back along the list per node).
 PROVIDERS = {
@@ -61,21 +61,10 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
 def tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = MAX_BATCH) -> dict[str, str]:
     """TensorRT EP options declaring each dynamic input's min/opt/max shape (Polygraphy-style), so
     one engine serves every prefill length and decode step instead of a rebuild per new shape."""
-    m = manifest.model
-    if graph == "visual":
-        frame = (int(m["num_frames"]), 3, int(m["image_size"]), int(m["image_size"]))
-        name = manifest["visual"]["inputs"]["pixel_values"]
-        lo, opt, hi = {name: (1, *frame)}, {name: (1, *frame)}, {name: (max_batch, *frame)}
-    else:
-        ctx, d, kv, dh = int(m["max_context"]), int(m["hidden_size"]), int(m["num_key_value_heads"]), int(m["head_dim"])
-        names = manifest["decoder"]["inputs"]
-        caches = manifest.kv_names("past_key") + manifest.kv_names("past_value")
-        lo = {names["inputs_embeds"]: (1, 1, d), names["attention_mask"]: (1, 1), names["position_ids"]: (1, 1),
-              **{c: (1, kv, 1, dh) for c in caches}}
-        opt = {names["inputs_embeds"]: (1, 1, d), names["attention_mask"]: (1, ctx // 2),
-               names["position_ids"]: (1, 1), **{c: (1, kv, ctx // 2, dh) for c in caches}}
-        hi = {names["inputs_embeds"]: (max_batch, ctx, d), names["attention_mask"]: (max_batch, ctx),
-              names["position_ids"]: (max_batch, ctx), **{c: (max_batch, kv, ctx, dh) for c in caches}}
+    spec = manifest.spec
+    ranges = (visual_shape_ranges(spec, max_batch) if graph == "visual"
+              else decoder_shape_ranges(spec, max_batch, call="any"))  # one profile: prefill and steps
+    lo, opt, hi = ({name: r[i] for name, r in ranges.items()} for i in range(3))
     return {"trt_profile_min_shapes": _shapes(lo), "trt_profile_opt_shapes": _shapes(opt),
             "trt_profile_max_shapes": _shapes(hi), "trt_fp16_enable": str(manifest["precision"] == "fp16"),
             "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(manifest.directory / ".trt-cache")}
@@ -172,6 +161,34 @@ class OrtBackend(EngineHost):
         pixels = np.ascontiguousarray(pixel_values, dtype=self.dtype)
         self.check_pixels(pixels)
         return self.visual.run([self.video_name], {self.pixel_name: pixels})[0]
+
+    # -- the visual path split per frame (live video, blip3v.runtime.live) ------------------
+    def open_split(self) -> None:
+        """Opens frame.onnx and temporal.onnx (the manifest's optional `frame` / `temporal`
+        sections) once; an engine exported without them is a one-line EngineError. Call it before
+        threads share the backend (the live session does)."""
+        if getattr(self, "split_graphs", None) is None:
+            from blip3v.runtime.live import split_spec
+
+            spec = split_spec(self.manifest)
+            providers = providers_for(self.device)
+            self.split_graphs = {role: (_open_session(self.manifest.directory / part.file, providers), part)
+                          for role, part in spec.items()}
+
+    def encode_frames(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) frames -> each frame's latents (B, N, D_vis), through frame.onnx."""
+        self.open_split()
+        session, part = self.split_graphs["frame"]
+        pixels = np.ascontiguousarray(pixel_values, dtype=self.dtype)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
+            raise InputError(f"frames must be (B, 3, {self.image_size}, {self.image_size}), got {pixels.shape}")
+        return session.run([part.output], {part.input: pixels})[0]
+
+    def encode_temporal(self, latents: np.ndarray) -> np.ndarray:
+        """(B, T, N, D_vis) frame latents -> video tokens (B, M, D), through temporal.onnx."""
+        self.open_split()
+        session, part = self.split_graphs["temporal"]
+        return session.run([part.output], {part.input: np.ascontiguousarray(latents, dtype=self.dtype)})[0]
 
     # -- the decoder interface (blip3v.runtime.decoding) -------------------------------------
     def chunked_prefill(self, batch: int) -> bool:

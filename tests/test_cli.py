@@ -39,8 +39,8 @@ def test_ask_json_on_a_real_clip(tiny_ckpt, synth_dir):
     assert set(out) == {"question", "answer", "video_tokens", "finish_reason", "prompt_tokens", "reused_tokens",
                         "timings_ms"}
     assert out["video_tokens"] == 16
-    assert set(out["timings_ms"]) == {"decode_video", "visual", "prefill", "generate"}
-    assert all(v > 0 for v in out["timings_ms"].values())
+    assert {"decode_video", "video_open", "video_decode", "visual", "prefill", "generate"} <= set(out["timings_ms"])
+    assert all(out["timings_ms"][k] > 0 for k in ("decode_video", "visual", "prefill", "generate"))
 
 
 def test_ask_streams_text(tiny_ckpt, synth_dir):

@@ -174,7 +174,7 @@ def test_ask_streams_text_and_reports_timings(backends, clip):
     tb, ob = backends
     pieces: list[str] = []
     answer = ob.ask(clip, QUESTIONS[0], SamplingConfig(max_new_tokens=8), on_text=pieces.append)
-    assert set(answer.timings_ms) == {"decode_video", "visual", "prefill", "generate"}
+    assert {"decode_video", "video_decode", "visual", "prefill", "generate"} <= set(answer.timings_ms)
     assert "".join(pieces).strip() == answer.text
     assert answer.video_tokens == tb.cfg.num_video_tokens
     ref = tb.ask(clip, QUESTIONS[0], SamplingConfig(max_new_tokens=8))
@@ -206,7 +206,7 @@ def test_cli_ask_with_engine_matches_torch(engine_dir, checkpoint, clip):
     got, want = json.loads(ort_run.stdout), json.loads(torch_run.stdout)
     assert got["answer"] == want["answer"]
     assert got["video_tokens"] == want["video_tokens"]
-    assert set(got["timings_ms"]) == {"decode_video", "visual", "prefill", "generate"}
+    assert {"decode_video", "video_decode", "visual", "prefill", "generate"} <= set(got["timings_ms"])
 
 
 def _copy_engine(src: Path, dst: Path) -> Path:

@@ -210,3 +210,34 @@ def test_bad_options_and_questions_are_one_line_errors(args, fragment, clips12):
 
     question = () if "-q" in args else ("what is it?",)
     assert_one_line_error(run_cli("ask", clips12[0]["path"], *question, *args), fragment)
+
+
+def test_an_engine_of_nan_embeddings_resealed_to_match_is_a_one_line_error(demo_engine, clips12, tmp_path):
+    """Hashes cannot stop an edit whose author rewrites them: the decode loop stops on non-finite logits."""
+    import shutil
+
+    from blip3v.runtime.manifest import file_entries, read_manifest_file, write_manifest
+    from conftest import assert_one_line_error
+
+    engine = tmp_path / "nan-engine"
+    shutil.copytree(demo_engine, engine)
+    raw = read_manifest_file(engine / "manifest.json")
+    table = engine / raw["embeddings"]["file"]
+    rows = np.load(table)
+    np.save(table, np.full_like(rows, np.nan))
+    raw["files"].update(file_entries(engine, [raw["embeddings"]["file"]]))
+    write_manifest(engine, raw)  # sealed again: the engine verifies
+    assert_one_line_error(run_cli("ask", clips12[0]["path"], "what colour is the circle?", "--engine", engine),
+                          "non-finite")
+
+
+def test_invalid_utf8_question_is_a_one_line_error(clips12):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import assert_one_line_error
+
+    proc = subprocess.run([sys.executable, "-m", "blip3v.cli", "ask", str(clips12[0]["path"]).encode(), b"what \xff?"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert_one_line_error(proc, "utf-8")

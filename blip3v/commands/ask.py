@@ -63,8 +63,39 @@ def _keep_revision(ctx, param, value):
     ctx.meta[REVISION_KEY] = value
 
 
+VIDEO_KEY = "blip3v.video_options"
+
+
+def _video_option(name: str):
+    """Stores a video option in the context (not a parameter), for open_engine to read."""
+    def store(ctx, param, value):
+        if value is not None:
+            ctx.meta.setdefault(VIDEO_KEY, {})[name] = value
+        return value
+    return store
+
+
+def video_options(f):
+    """How frames are read: aspect handling, the decoder, the scaler (runtime/video.py load_clip)."""
+    f = click.option("--video-scaler", type=click.Choice(["pillow", "ffmpeg"]), default=None, expose_value=False,
+                     callback=_video_option("scaler"),
+                     help="Resize with Pillow (default, the reference pixels) or FFmpeg's scaler straight to the "
+                          "model's size (faster on large video, not bit-exact).")(f)
+    f = click.option("--video-decoder", type=click.Choice(["auto", "cpu", "cuda"]), default=None, expose_value=False,
+                     callback=_video_option("decoder"),
+                     help="Video decoding: cpu (default), cuda (NVDEC through FFmpeg; an error where there is none), "
+                          "auto (cuda where available, else cpu).")(f)
+    f = click.option("--aspect", type=click.Choice(["squash", "pad"]), default=None, expose_value=False,
+                     callback=_video_option("aspect"),
+                     help="squash (default, as the released processor) or pad to a square with grey first "
+                          "(as the authors' video inference script).")(f)
+    return f
+
+
 def model_options(f):
-    """--model / --revision / --engine / --backend / --device, shared by every command that answers."""
+    """--model / --revision / --engine / --backend / --device and the video options, shared by every
+    command that answers."""
+    f = video_options(f)
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
                      show_default=True,
                      help="Where to run: auto = cuda where the backend can use it (torch sees a CUDA device; "
@@ -93,7 +124,11 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
         ctx = click.get_current_context(silent=True)
         revision = ctx.meta.get(REVISION_KEY) if ctx is not None else None
     options = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
-    return Engine(open_host(model, engine, backend, device, revision=revision, **options))
+    host = open_host(model, engine, backend, device, revision=revision, **options)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get(VIDEO_KEY):
+        host.video_options = dict(ctx.meta[VIDEO_KEY])
+    return Engine(host)
 
 
 def open_backend(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):

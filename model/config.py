@@ -2,7 +2,7 @@
 
 The config is saved inside every checkpoint and the model is rebuilt from it, never from a file
 name. It keeps the released top-level layout (`model_type` "xgenmm", `vision_encoder_config`,
-`vision_tokenizer_config`, `text_config`; see ../shared/MODEL.md) and adds the fields the
+`vision_tokenizer_config`, `text_config`; see docs/MODEL.md) and adds the fields the
 released files leave to code: the temporal encoder, frame count, preprocessing and token ids.
 
 Released configs name their towers by hub id (e.g. `google/siglip-so400m-patch14-384`), or only
@@ -30,7 +30,7 @@ from blip3v.errors import CheckpointError, InputError
 
 TEMPORAL_ENCODERS = ("tl", "gttm", "gttm_tl", "mean", "none")
 
-# The Phi-3 chat prompt of the released model (MODEL.md, "Prompt and generation").
+# The Phi-3 chat prompt of the released model (docs/MODEL.md, "Prompt and generation").
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -277,7 +277,7 @@ class XGenMMConfig:
     num_frames: int = 8
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # First id served by `additional_embedding` / `additional_fc` (MODEL.md: 32012 in the release).
+    # First id served by `additional_embedding` / `additional_fc` (docs/MODEL.md: 32012 in the release).
     additional_vocab_start: int = 32012
     num_additional_tokens: int = 3
     special_token_ids: dict[str, int] = field(default_factory=dict)
@@ -630,7 +630,7 @@ def _tiny_temporal(kind: str, m: int = 4, width: int = 64) -> TemporalConfig:
 
 PRESETS: dict[str, Any] = {
     # Released video checkpoints (Salesforce/xgen-mm-vid-phi3-mini-r-v1.5-*). The 32-token one is
-    # `tl` or `gttm`+TL(32); MODEL.md says which is not public, `tl` is the default here.
+    # `tl` or `gttm`+TL(32); docs/MODEL.md says which is not public, `tl` is the default here.
     "xgen-mm-vid-32": lambda: _full(TemporalConfig(type="tl", num_tokens=32), 8),
     "xgen-mm-vid-32-gttm": lambda: _full(TemporalConfig(type="gttm_tl", num_tokens=32), 8),
     "xgen-mm-vid-128": lambda: _full(TemporalConfig(type="gttm", num_tokens=128), 8),

@@ -90,6 +90,7 @@ def test_manifest_is_complete_and_hashes_match(exported):
     assert on_disk == manifest
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert set(manifest["files"]) == {"visual.onnx", "visual.onnx.data", "decoder.onnx", "decoder.onnx.data",
+                                      "frame.onnx", "frame.onnx.data", "temporal.onnx", "temporal.onnx.data",
                                       "embed_tokens.npy", "tokenizer.json"}
     for name, entry in manifest["files"].items():
         assert sha256_file(out / name) == entry["sha256"]

@@ -6,6 +6,7 @@ torch is imported only for a checkpoint, so the engine path stays torch-free.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from blip3v.errors import InputError
@@ -14,11 +15,19 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 TORCH_ONLY_OPTIONS = ("dtype", "decoder", "weights", "group_size")
 
 
+def _say(note: str) -> None:
+    """Which backend answers and why, for a person at a terminal (scripts and pipes see nothing)."""
+    if sys.stderr.isatty():
+        print(f"note: {note}", file=sys.stderr)
+
+
 def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
               backend: str | None = None, device: str = "cpu", revision: str | None = None,
               **options: Any) -> Any:
     """--model / --engine / --backend -> a backend object (a "host" of blip3v.runtime.session).
-    No --model and no --engine: the shipped demo model on the PyTorch backend. `model` may be a
+    No --model, --engine or --backend: the shipped demo engine on ONNX Runtime (torch-free; the
+    demo model exported), or the demo model on PyTorch when a PyTorch-only option is set; the choice
+    is said on stderr at a terminal. `model` may be a
     Hub id ORG/NAME (at `revision`), resolved by blip3v.model.hub; `device` "auto" picks cuda where
     the chosen backend can use it, else cpu."""
     if model is not None and not str(model).strip():
@@ -29,6 +38,13 @@ def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike 
         raise InputError("give either --model (PyTorch checkpoint) or --engine (exported engine), not both")
     if backend is not None and backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    torch_asked = [k for k in TORCH_ONLY_OPTIONS if options.get(k) not in (None, "dense", "auto", "128", 128)]
+    if backend is None and model is None and engine is None and not torch_asked:
+        from blip3v.assets import DEMO_ENGINE
+
+        engine, backend = DEMO_ENGINE, "onnxruntime"
+        _say("the shipped demo engine answers (ONNX Runtime, no torch needed); --model DIR or --engine DIR "
+             "for your own model")
     if backend is None:
         backend = "onnxruntime" if engine else "torch"
     if revision is not None and not model:
@@ -42,6 +58,8 @@ def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike 
             from blip3v.assets import DEMO_MODEL
 
             model = DEMO_MODEL
+            _say("the shipped demo model answers on the PyTorch backend (--dtype/--decoder/--weights or "
+                 "--backend torch asked for it)")
         directory = resolve_checkpoint(model, revision)  # before torch loads: a missing Hub id fails fast
         device = _auto_device(backend) if device == "auto" else device
         from blip3v.model.generate import TorchBackend

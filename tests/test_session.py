@@ -49,7 +49,9 @@ def ort_engine(demo_engine) -> Engine:
 
 @pytest.fixture(scope="module")
 def torch_engine() -> Engine:
-    return Engine.open()  # the shipped demo model on the PyTorch backend
+    from blip3v.assets import DEMO_MODEL
+
+    return Engine.open(model=DEMO_MODEL)  # the shipped demo model on the PyTorch backend
 
 
 def fresh(engine: Engine, path: str, question: str) -> tuple[list[int], np.ndarray]:
@@ -241,3 +243,18 @@ def test_invalid_utf8_question_is_a_one_line_error(clips12):
     proc = subprocess.run([sys.executable, "-m", "blip3v.cli", "ask", str(clips12[0]["path"]).encode(), b"what \xff?"],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert_one_line_error(proc, "utf-8")
+
+
+def test_the_shipped_demo_engine_answers_as_the_demo_model(clips12):
+    """`blip3v ask` without --model/--engine runs blip3v/assets/demo-engine: it must stay the demo
+    model's export (re-export it when the model or the exporter changes)."""
+    from blip3v.assets import DEMO_ENGINE, DEMO_MODEL
+    from blip3v.runtime.manifest import load_manifest
+
+    manifest = load_manifest(DEMO_ENGINE)  # hashes verified
+    assert manifest.raw["export"]["source"].endswith("demo-model")
+    default, reference = Engine.open(), Engine.open(model=DEMO_MODEL)
+    assert type(default.host).__name__ == "OrtBackend"
+    for row in clips12:
+        assert default.ask(row["path"], row["question"], SAMPLING).token_ids == \
+            reference.ask(row["path"], row["question"], SAMPLING).token_ids, row["video"]

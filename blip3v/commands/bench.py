@@ -256,7 +256,8 @@ def session(engine, model, layers, video, repeats, new_tokens, results, quiet, a
     text = table(result)
     if results:
         name = result["engine"] if engine else model
-        _write_results(results, f"Session reuse: {name}", f"`{_command_line()}`\n\n{text}\n")
+        heading = f"Session reuse: {name}"
+        _write_results(results, heading, f"## {heading}\n\n`{_command_line()}`\n\n{text}\n")
     click.echo(json.dumps(result) if as_json else text)
 
 

@@ -86,7 +86,9 @@ def test_split_graphs_video_tokens_match_the_fused_graph(ort_engine, clips10):
 def test_torch_backend_has_the_same_split(clips10):
     import torch
 
-    host = Engine.open().host  # the shipped demo model on the PyTorch backend
+    from blip3v.assets import DEMO_MODEL
+
+    host = Engine.open(model=DEMO_MODEL).host  # the shipped demo model on the PyTorch backend
     pixels = host.load_video(clips10[0]["path"])
     with torch.inference_mode():
         fused = host.encode_video(pixels[None]).numpy()

@@ -258,9 +258,10 @@ def test_follow_up_is_a_clip_cache_hit(servers):
 @pytest.fixture(scope="module")
 def reference():
     """The demo model in this process, as the server runs it: the reference for what `ask` cannot say."""
+    from blip3v.assets import DEMO_MODEL
     from blip3v.runtime.session import Engine
 
-    return Engine.open()
+    return Engine.open(model=DEMO_MODEL)
 
 
 def test_multi_turn_equals_conversation(servers, reference):

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="Turns of all paths; the median is reported.")
     ap.add_argument("--workers", type=int, default=None, help="Decoding processes of the default path.")
     ap.add_argument("--ray-actors", type=int, default=1)
-    ap.add_argument("--ray-batch-size", type=int, default=4)
+    ap.add_argument("--ray-batch-size", type=int, default=8)
     ap.add_argument("--no-ray", action="store_true", help="Skip the Ray path.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = ap.parse_args()

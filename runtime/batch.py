@@ -40,6 +40,7 @@ import glob
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -78,37 +79,52 @@ Key = tuple[str, str]  # (video, question)
 
 @dataclass(frozen=True)
 class VideoSettings:
-    """How the model samples a clip: all a decoding worker needs, so workers never load the model."""
+    """How the model samples a clip: all a decoding worker needs, so workers never load the model.
+    `options` are load_clip's keywords (aspect, decoder, scaler: the host's `video_options`)."""
 
     num_frames: int
     image_size: int
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
+    options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of_host(cls, host: Any) -> VideoSettings:
         return cls(int(host.num_frames), int(host.image_size), tuple(map(float, host.image_mean)),
-                   tuple(map(float, host.image_std)))
+                   tuple(map(float, host.image_std)), tuple(sorted((getattr(host, "video_options", None) or {}).items())))
 
 
-def video_settings(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None) -> VideoSettings:
-    """The frame-sampling settings of an engine directory (its manifest) or a checkpoint (its
-    config.json; the shipped demo model when neither is given), read without loading the model."""
+def video_settings(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
+                   backend: str | None = None, revision: str | None = None, video_options: dict | None = None,
+                   **torch_options: Any) -> VideoSettings:
+    """The frame-sampling settings of the model `open_host` would open for the same arguments, read
+    from its files (an engine's manifest, a checkpoint's config.json) without loading it: with
+    none of model, engine or backend, the shipped demo engine (the demo model on PyTorch when a
+    PyTorch-only option is set), as open_host chooses."""
+    from blip3v.runtime.backends import TORCH_ONLY_OPTIONS
+
     if model and engine:
         raise InputError("give either --model (PyTorch checkpoint) or --engine (exported engine), not both")
+    options = tuple(sorted((video_options or {}).items()))
+    torch_asked = any(torch_options.get(k) not in (None, "dense", "auto", "128", 128) for k in TORCH_ONLY_OPTIONS)
+    if model is None and engine is None and backend is None and not torch_asked:
+        from blip3v.assets import DEMO_ENGINE
+
+        engine = DEMO_ENGINE
     if engine:
         from blip3v.runtime.manifest import load_manifest
 
         spec = load_manifest(engine, verify_hashes=False).spec.model  # hashes: checked when it opens
-        return VideoSettings(spec.num_frames, spec.image_size, tuple(spec.image_mean), tuple(spec.image_std))
+        return VideoSettings(spec.num_frames, spec.image_size, tuple(spec.image_mean), tuple(spec.image_std), options)
     from blip3v.model.config import XGenMMConfig  # torch-free: the config alone
+    from blip3v.model.hub import resolve_checkpoint
 
     if model is None:
         from blip3v.assets import DEMO_MODEL
 
         model = DEMO_MODEL
-    cfg = XGenMMConfig.load(model)
-    return VideoSettings(cfg.num_frames, cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std))
+    cfg = XGenMMConfig.load(resolve_checkpoint(model, revision))
+    return VideoSettings(cfg.num_frames, cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std), options)
 
 
 @dataclass
@@ -118,6 +134,17 @@ class Decoded:
     pixels: np.ndarray | None
     error: str | None
     decode_ms: float
+    pixels_file: str | None = None  # the pixels, saved by a worker (decode_to_file)
+
+    def load(self) -> Decoded:
+        """The pixels in memory (a worker's scratch file read and removed)."""
+        if self.pixels_file is None:
+            return self
+        try:
+            pixels = np.load(self.pixels_file)
+        finally:
+            os.unlink(self.pixels_file)
+        return Decoded(pixels, None, self.decode_ms)
 
 
 def decode_clip(path: str, settings: VideoSettings) -> Decoded:
@@ -127,7 +154,8 @@ def decode_clip(path: str, settings: VideoSettings) -> Decoded:
 
     t0 = time.perf_counter()
     try:
-        pixels = load_clip(path, settings.num_frames, settings.image_size, settings.image_mean, settings.image_std)
+        pixels = load_clip(path, settings.num_frames, settings.image_size, settings.image_mean, settings.image_std,
+                           **dict(settings.options))
         error = None
     except Blip3vError as exc:
         pixels, error = None, one_line(str(exc))
@@ -138,6 +166,27 @@ def decode_clip(path: str, settings: VideoSettings) -> Decoded:
 
 def one_line(message: str) -> str:
     return " ".join(message.split()) or "unknown error"
+
+
+# What a worker sends back stays below PIPE_BUF (4096 bytes on Linux), so the pipe write is atomic:
+# CPython's ProcessPoolExecutor (3.11) hangs for good when a worker dies in the middle of writing a
+# result (its reader blocks on the rest of the message; the parent holds the pipe's write end, so
+# no EOF ever comes). Pixels therefore travel through a scratch file, and messages are clipped.
+MAX_ERROR_CHARS = 1000
+
+
+def decode_to_file(path: str, settings: VideoSettings, scratch: str, name: str) -> Decoded:
+    """`decode_clip` in a worker process: the pixels go to `scratch/name.npy`, the result names that
+    file (`Decoded.load` reads it back in the parent)."""
+    decoded = decode_clip(path, settings)
+    if decoded.pixels is None:
+        return Decoded(None, (decoded.error or "")[:MAX_ERROR_CHARS], decoded.decode_ms)
+    target = os.path.join(scratch, name + ".npy")
+    try:
+        np.save(target, decoded.pixels)
+    except OSError:  # scratch space full: send them the slow way rather than fail the clip
+        return decoded
+    return Decoded(None, None, decoded.decode_ms, pixels_file=target)
 
 
 # --------------------------------------------------------------------------- the --videos argument
@@ -156,11 +205,11 @@ def read_videos(spec: str, questions: Iterable[str] = ()) -> OrderedDict[str, li
     if path.suffix.lower() in LIST_SUFFIXES and path.is_file():
         rows = _read_list(path)
     elif path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not found:
+        if not files:
             raise InputError(f"--videos {spec}: no video files in this folder ({', '.join(VIDEO_SUFFIXES[:6])}, ...)")
-        rows = [(str(p), None) for p in found]
+        rows = [(str(p), None) for p in files]
     elif glob.has_magic(spec):
         found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not found:
@@ -273,7 +322,6 @@ class Results:
         self._lock_fd = self._lock()
         try:
             self._load(retry_errors)
-            self._fh = open(self.journal, "ab")
         except BaseException:
             self.close()
             raise
@@ -318,6 +366,8 @@ class Results:
         """Appends rows (one clip's) as complete lines and makes them durable before returning."""
         if not rows:
             return
+        if self._fh is None:
+            self._fh = open(self.journal, "ab")  # on the first row: a run that fails first leaves no file
         self._fh.write("".join(_line(r) for r in rows).encode("utf-8"))
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -329,7 +379,7 @@ class Results:
         atomically and deletes the journal. JSONL needs nothing: every line is already durable."""
         if not self.parquet:
             return
-        if self.path.exists() and not self.journal.stat().st_size:
+        if self.path.exists() and not (self.journal.exists() and self.journal.stat().st_size):
             return  # nothing new since the Parquet was written
         rank = order or {}
         rows = sorted(self.done.values(), key=lambda r: rank.get((r["video"], r["question"]), len(rank)))
@@ -347,9 +397,10 @@ class Results:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.path.parent)
-        self._fh.close()
-        self.journal.unlink()
-        self._fh = open(self.journal, "ab")  # still appendable; close() removes it while empty
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.journal.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -576,10 +627,13 @@ class _Decoders:
         self.settings = settings
         self.workers = workers
         self.in_flight = in_flight
-        self.suspects: list[ClipTask] = []
+        self.suspects: list[ClipTask] = []  # popped from the end too
         self.isolating = False  # the one clip in flight is a suspect decoded alone
+        self.broken = False  # a submit found the pool broken (a worker died while none was busy)
         self.pending: dict[cf.Future, ClipTask] = {}
         self.restarts = 0
+        self.submitted = 0
+        self.scratch = tempfile.TemporaryDirectory(prefix="blip3v-batch-")  # pixels from the workers
         self.pool = self._new_pool()
         self._fill()
 
@@ -587,17 +641,26 @@ class _Decoders:
         # spawn: the parent may hold ONNX Runtime / torch threads, which a fork would copy mid-state.
         return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def _submit(self, task: ClipTask) -> None:
-        self.pending[self.pool.submit(decode_clip, task.path, self.settings)] = task
+    def _submit(self, queue: list[ClipTask]) -> bool:
+        task = queue.pop()
+        self.submitted += 1
+        try:
+            future = self.pool.submit(decode_to_file, task.path, self.settings, self.scratch.name, str(self.submitted))
+        except BrokenProcessPool:
+            queue.append(task)
+            self.broken = True
+            return False
+        self.pending[future] = task
+        return True
 
     def _fill(self) -> None:
         self.isolating = bool(self.suspects)
         if self.suspects:
             if not self.pending:
-                self._submit(self.suspects.pop())
+                self._submit(self.suspects)
             return
-        while self.todo and len(self.pending) < self.in_flight:
-            self._submit(self.todo.pop())
+        while self.todo and len(self.pending) < self.in_flight and self._submit(self.todo):
+            pass
 
     def __bool__(self) -> bool:
         return bool(self.pending or self.todo or self.suspects)
@@ -605,31 +668,34 @@ class _Decoders:
     def next_done(self) -> list[tuple[ClipTask, Decoded]]:
         """Blocks until at least one clip is decoded (or found to kill its worker)."""
         alone = self.isolating
-        done, _ = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
         out, broken = [], []
-        for future in done:
-            task = self.pending.pop(future)
-            try:
-                out.append((task, future.result()))
-            except BrokenProcessPool:
-                broken.append(task)
-        if broken:
-            broken += self.pending.values()
+        if self.pending:
+            done, _ = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                task = self.pending.pop(future)
+                try:
+                    out.append((task, future.result().load()))
+                except BrokenProcessPool:
+                    broken.append(task)
+        if broken or self.broken:
+            lost = broken + list(self.pending.values())
             self.pending.clear()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
             self.restarts += 1
-            if alone:
+            self.broken = False
+            if alone and broken:
                 task = broken[0]
                 out.append((task, Decoded(None, f"cannot read video {task.path!r}: the decoding process died "
                                                 "while reading it", 0.0)))
             else:
-                self.suspects += reversed(broken)  # popped from the end: the earliest first
+                self.suspects += reversed(lost)  # the earliest first
         self._fill()
         return out
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scratch.cleanup()
 
 
 def run_local(tasks: list[ClipTask], settings: VideoSettings, open_engine: Callable[[], Any], sampling: Any,

@@ -12,6 +12,7 @@ Parquet merge; the --videos forms. `-m slow`: the issue's 200 clips x 2 question
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -31,6 +32,9 @@ from blip3v.runtime.generation import SamplingConfig
 from conftest import assert_one_line_error, run_cli
 
 QUESTIONS = ("how many shapes are there?", "what colour is the circle?")
+# Parquet and Ray come with the `batch` extra (CI installs it through `dev`); without it those tests skip.
+needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None,
+                                   reason="needs pyarrow: pip install 'blip3v[batch]'")
 GREEDY = SamplingConfig()  # what `blip3v ask` and `blip3v batch` default to (32 new tokens)
 BROKEN = {"zz_text.mp4": b"this is not a video\n", "zz_empty.mp4": b""}
 
@@ -150,7 +154,7 @@ def test_local_batch_answers_as_ask_and_eval(corpus, demo_engine, expected, tmp_
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray cluster with 2 CPUs, shut down after the module's tests."""
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason="needs Ray: pip install 'blip3v[batch]'")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -183,7 +187,8 @@ def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 1
     raise AssertionError(f"no {n} rows in {path} after {timeout} s")
 
 
-@pytest.mark.parametrize("suffix", [".parquet", pytest.param(".jsonl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("suffix", [pytest.param(".parquet", marks=needs_pyarrow),
+                                    pytest.param(".jsonl", marks=pytest.mark.slow)])
 def test_killed_run_resumes_without_redoing_rows(corpus, demo_engine, expected, tmp_path, suffix):
     """SIGKILL mid-run (the whole process group: driver and decoding workers), then the same command:
     every (video, question) exactly once, the rows written before the kill kept as they were."""
@@ -248,7 +253,58 @@ def test_killed_decoding_worker_costs_only_a_retry(corpus, engine, expected, tmp
     check_rows(read_rows(out), expected, corpus)
 
 
+def test_video_options_reach_the_decoding_workers(engine, demo_engine, tmp_path):
+    """A video option of every answering command (here --aspect pad) is how the workers read frames
+    too: the pixels equal the engine's own load_video with that option (and differ from the
+    default's on a wide clip), and the answer equals `blip3v ask --aspect pad`."""
+    from dataclasses import replace
+
+    from blip3v.data.synth import write_mp4
+    from blip3v.runtime.batch import decode_clip
+
+    frames = np.random.default_rng(0).integers(0, 255, (12, 48, 96, 3), dtype=np.uint8)  # (T, H, W, 3), wide
+    clip = tmp_path / "clips" / "wide.mp4"
+    clip.parent.mkdir()
+    write_mp4(clip, frames)
+    squash = VideoSettings.of_host(engine.host)
+    pad = replace(squash, options=(("aspect", "pad"),))
+    got = decode_clip(str(clip), pad).pixels
+    saved = engine.host.video_options
+    engine.host.video_options = {"aspect": "pad"}
+    try:
+        want = engine.host.load_video(clip)
+    finally:
+        engine.host.video_options = saved
+    assert np.array_equal(got, want) and not np.array_equal(got, decode_clip(str(clip), squash).pixels)
+
+    out = tmp_path / "answers.jsonl"
+    proc = run_cli("batch", "--videos", str(clip.parent), "-q", QUESTIONS[0], "--out", str(out), "--engine",
+                   str(demo_engine), "--aspect", "pad", "--workers", "1", "--quiet", "--json")
+    assert proc.returncode == 0, proc.stderr  # an option the workers missed would be an EngineError here
+    ask = run_cli("ask", str(clip), QUESTIONS[0], "--engine", str(demo_engine), "--aspect", "pad", "--json")
+    assert ask.returncode == 0, ask.stderr
+    assert read_rows(out)[0]["answer"] == json.loads(ask.stdout)["answer"]
+
+
+def test_a_question_too_long_is_an_error_row(corpus, engine, expected, tmp_path):
+    """A question the model cannot take fails its own rows only (decoding in this process: workers=0)."""
+    long = "is it " + "very " * 2000 + "red?"
+    clips = sorted((corpus / "clips").glob("0000[01].mp4"))
+    videos = read_videos(str(clips[0].parent / "0000[01].mp4"), [long, QUESTIONS[0]])
+    with Results(tmp_path / "answers.jsonl") as results:
+        summary = run_local(plan(videos, results.done), VideoSettings.of_host(engine.host), lambda: engine, GREEDY,
+                            results, workers=0, progress=False)
+    rows = read_rows(tmp_path / "answers.jsonl")
+    assert summary.rows == 4 and summary.errors == 2
+    for r in rows:
+        if r["question"] == long:
+            assert r["answer"] is None and "exceeds the model's context" in r["error"], r
+        else:
+            assert r["answer"] == expected[(r["video"], r["question"])] and r["error"] is None
+
+
 @pytest.mark.slow
+@needs_pyarrow
 @pytest.mark.parametrize("use_ray", [False, True], ids=["local", "ray"])
 def test_200_clips_two_questions(demo_engine, engine, tmp_path_factory, use_ray, request):
     """The issue's acceptance run: 200 synthetic clips x 2 questions + 2 broken files."""
@@ -269,6 +325,7 @@ def test_200_clips_two_questions(demo_engine, engine, tmp_path_factory, use_ray,
 # --------------------------------------------------------------------------- pieces
 
 
+@needs_pyarrow
 def test_videos_argument_forms(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -337,6 +394,7 @@ def test_journal_drops_a_cut_off_line_and_refuses_other_files(tmp_path):
     assert text.read_text() == "hello"
 
 
+@needs_pyarrow
 def test_parquet_merges_its_journal_after_a_kill(tmp_path):
     out = tmp_path / "out.parquet"
     videos = {"a.mp4": ["q1", "q2"], "b.mp4": ["q1", "q2"]}
@@ -387,4 +445,6 @@ def test_cli_errors_are_one_line(tmp_path, corpus):
                           "does not exist")
     assert_one_line_error(run_cli("batch", "--videos", str(corpus / "qa.jsonl"), "--out", str(corpus / "qa.jsonl")),
                           "is the --videos list itself")
-    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
+    assert_one_line_error(run_cli("batch", "--videos", clips, "-q", "q", "--out", str(tmp_path / "o.jsonl"),
+                                  "--engine", str(tmp_path / "no-engine")), "no-engine")
+    assert not list(tmp_path.iterdir())  # no output, journal or lock file left by a run that never started

@@ -43,14 +43,15 @@ from blip3v.commands.ask import model_options, open_engine, sampling_options, to
               help="An existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto); implies --ray.")
 @click.option("--ray-actors", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engine actors (each loads the model once).")
-@click.option("--ray-batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Clips per call of an engine actor.")
+@click.option("--ray-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Clips per decoding task and per call of an engine actor.")
 @click.option("--ray-decode-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPUs reserved per decoding task.")
 @click.option("--ray-actor-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="CPUs reserved per engine actor.")
 @click.option("--ray-actor-gpus", type=click.FloatRange(min=0), default=None,
-              help="GPUs per engine actor (fractions share a GPU). Default: 1 with --device cuda or tensorrt, else 0.")
+              help="GPUs per engine actor (fractions share a GPU). Default: 1 with --device cuda or tensorrt, and "
+                   "with --device auto where the cluster has GPUs; else 0 (and --device auto runs on the CPU).")
 @click.option("--ray-actor-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
               help="Memory each engine actor reserves, GiB. Default: the model's files + 1 GiB.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -74,30 +75,35 @@ def command(videos: str, questions: tuple[str, ...], out: Path, model, engine, b
       blip3v batch --videos list.parquet -q "what happens?" --out qa.parquet --engine /shared/eng \\
           --device cuda --ray-address auto --ray-actors 8
     """
+    from blip3v.commands.ask import REVISION_KEY, VIDEO_KEY
     from blip3v.errors import InputError
     from blip3v.runtime import batch
     from blip3v.runtime.generation import SamplingConfig
 
+    meta = click.get_current_context().meta  # --revision and the video options (see model_options)
+    revision, video_options = meta.get(REVISION_KEY), dict(meta.get(VIDEO_KEY) or {})
+    torch_opts = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
+
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     sampling.validate()
-    settings = batch.video_settings(model, engine)
     if Path(videos).exists() and Path(videos).resolve() == out.resolve():
         raise InputError(f"--out {out} is the --videos list itself; write the results elsewhere")
     wanted = batch.read_videos(videos, questions)
     with batch.Results(out, retry_errors=retry_errors) as results:
+        # The model's frame sampling, from its files: checks --model / --engine before any work starts.
+        settings = batch.video_settings(model, engine, backend, revision, video_options, **torch_opts)
         tasks = batch.plan(wanted, results.done)
         skipped = sum((v, q) in results.done for v, qs in wanted.items() for q in qs)
         if use_ray or ray_address:
             from blip3v.runtime.batch_ray import run_ray
 
-            # Actors open the model on any node: absolute paths, valid where the file system is shared.
-            options = {"model": model and os.path.abspath(model), "engine": engine and os.path.abspath(engine),
-                       "backend": backend, "device": device, "dtype": dtype, "decoder": decoder, "weights": weights,
-                       "group_size": group_size}
-            gpus = ray_actor_gpus if ray_actor_gpus is not None else (1.0 if device in ("cuda", "tensorrt") else 0.0)
+            # Actors open the model on any node: local paths made absolute (valid where the file system
+            # is shared); a Hub id stays as it is and resolves on each node.
+            options = {"model": _absolute(model), "engine": _absolute(engine), "backend": backend, "device": device,
+                       "revision": revision, **torch_opts}
             summary = run_ray(tasks, settings, options, sampling, results, address=ray_address, actors=ray_actors,
                               batch_size=ray_batch_size, decode_cpus=ray_decode_cpus, actor_cpus=ray_actor_cpus,
-                              actor_gpus=gpus, progress=not quiet,
+                              actor_gpus=ray_actor_gpus, progress=not quiet,
                               actor_memory=None if ray_actor_memory is None else int(ray_actor_memory * 2**30))
         else:
             summary = batch.run_local(
@@ -110,3 +116,7 @@ def command(videos: str, questions: tuple[str, ...], out: Path, model, engine, b
         return
     click.echo(f"{summary.rows} rows ({summary.errors} errors) for {summary.clips} clips in {summary.seconds:.1f} s "
                f"({summary.clips_per_s:.2f} clips/s); {summary.skipped} rows were already done -> {summary.out}")
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and os.path.exists(path) else path

@@ -171,7 +171,7 @@ class Engine:
             if found is not None:
                 self._clips.move_to_end(key)
                 self.stats["clip_hits"] += 1
-                found.reused = True
+                found.encode_timings = {}  # encoded before: this caller paid nothing for it
                 return found
             self.stats["clip_misses"] += 1
         parts: dict[str, float] = {}
@@ -297,8 +297,7 @@ class Clip:
         self.host = engine.host
         self.key = key
         self.video = video  # (1, M, D) in the backend's own array type
-        self.encode_timings = timings  # what making it cost; reported by the first question only
-        self.reused = False  # True once the engine handed it out again
+        self.encode_timings = timings  # what making it cost; reported by the first question only, then {}
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []  # token ids whose K/V the cache holds (`<image>` = M slots)
 
@@ -409,9 +408,9 @@ class Clip:
         text = self.host.decode(out)
         if cut:
             text, finish = text[:cut[0]], "stop"
-        if not self.reused and not getattr(self, "_reported", False):
+        if self.encode_timings:
             timings = {**self.encode_timings, **timings}
-            self._reported = True
+            self.encode_timings = {}
         else:
             timings = {"hash_video": 0.0, "decode_video": 0.0, "visual": 0.0, **timings}
         prompt = self._slots(len(ids), ids)
@@ -456,9 +455,7 @@ class Conversation:
     prefilled again. Not thread-safe."""
 
     def __init__(self, clip: Clip):
-        self.clip = Clip(clip.engine, clip.key, clip.video, clip.encode_timings)  # its own cache
-        self.clip.reused = clip.reused
-        self.clip._reported = getattr(clip, "_reported", False)  # type: ignore[attr-defined]
+        self.clip = Clip(clip.engine, clip.key, clip.video, dict(clip.encode_timings))  # its own cache
         host = clip.host
         template = host.prompt_template
         at_q, at_img = template.index("{question}"), template.index("<image>")

@@ -73,7 +73,7 @@ def tensorrt_profiles(manifest: Manifest, graph: str, max_batch: int = MAX_BATCH
 _env_cpu_arena = False  # registered once per process, on first use
 
 
-def session_options(providers: Sequence[str], threads: int | None = None) -> ort.SessionOptions:
+def session_options(providers: Sequence[str], threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
     """The options of every session this runtime opens (the decode benchmark opens its sessions
     with these too, so it times what ships).
 
@@ -85,12 +85,20 @@ def session_options(providers: Sequence[str], threads: int | None = None) -> ort
     blip3v.benchmarks.decode_ab --settings shipped,session --mode requests`) did not reproduce it
     on the dev box (benchmarks/RESULTS.md, decode section). The arena lives as long as the
     process, shared by every session in it. What did measure faster is putting the weights on huge
-    pages (`create_session`)."""
+    pages (`create_session`).
+
+    `spinning=False` stops idle intra-op threads from busy-waiting between ops. Spinning buys a
+    little latency when ONNX Runtime has the cores to itself; when the same process decodes video
+    beside it (eval's and batch's prefetch), the spinning threads take the cores the decoder needs:
+    `blip3v eval` on 200 clips of the demo engine went from 8.3 to 3.9-4.7 s of loop time with it
+    off, at 2 threads under a shared load (benchmarks/RESULTS.md, video input)."""
     global _env_cpu_arena
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if list(providers) == ["CPUExecutionProvider"]:
         if not _env_cpu_arena:
             cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -113,9 +121,9 @@ def create_session(path: str | Path, options: ort.SessionOptions, providers: Seq
     return session
 
 
-def _open_session(path: Path, providers: list[str], options_by_provider: dict[str, dict] | None = None
-                  ) -> ort.InferenceSession:
-    options = session_options(providers)
+def _open_session(path: Path, providers: list[str], options_by_provider: dict[str, dict] | None = None,
+                  spinning: bool = True) -> ort.InferenceSession:
+    options = session_options(providers, spinning=spinning)
     provider_options = [dict((options_by_provider or {}).get(p, {})) for p in providers]
     try:
         return create_session(path, options, providers, provider_options)
@@ -127,17 +135,21 @@ def _open_session(path: Path, providers: list[str], options_by_provider: dict[st
 class OrtBackend(EngineHost):
     """Engine directory -> answers on ONNX Runtime. Same methods as `TorchBackend`."""
 
-    def __init__(self, manifest: Manifest, device: str = "cpu"):
+    def __init__(self, manifest: Manifest, device: str = "cpu", spinning: bool = True):
+        """`spinning=False` when the process runs other work beside the engine (session_options)."""
         self._read_manifest(manifest)
         self.device = device
+        self.spinning = spinning
         providers = providers_for(device)
         self.max_context = int(manifest.model["max_context"])
         self.num_layers = int(manifest.model["num_layers"])
         self.dtype = self.embed_dtype = np.dtype(manifest["dtype"])
 
         trt = "TensorrtExecutionProvider"
-        self.visual = _open_session(manifest.path("visual"), providers, {trt: tensorrt_profiles(manifest, "visual")})
-        self.decoder = _open_session(manifest.path("decoder"), providers, {trt: tensorrt_profiles(manifest, "decoder")})
+        self.visual = _open_session(manifest.path("visual"), providers, {trt: tensorrt_profiles(manifest, "visual")},
+                                    spinning)
+        self.decoder = _open_session(manifest.path("decoder"), providers, {trt: tensorrt_profiles(manifest, "decoder")},
+                                     spinning)
         self.past_names = [n for pair in zip(manifest.kv_names("past_key"), manifest.kv_names("past_value")) for n in pair]
         self.present_names = [n for pair in zip(manifest.kv_names("present_key"), manifest.kv_names("present_value"))
                               for n in pair]
@@ -152,8 +164,9 @@ class OrtBackend(EngineHost):
         self.ort_device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
 
     @classmethod
-    def load(cls, engine_dir: str | Path, device: str = "cpu", verify_hashes: bool = True) -> OrtBackend:
-        return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device)
+    def load(cls, engine_dir: str | Path, device: str = "cpu", verify_hashes: bool = True,
+             spinning: bool = True) -> OrtBackend:
+        return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device, spinning)
 
     # -- the visual path -------------------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -172,7 +185,8 @@ class OrtBackend(EngineHost):
 
             spec = split_spec(self.manifest)
             providers = providers_for(self.device)
-            self.split_graphs = {role: (_open_session(self.manifest.directory / part.file, providers), part)
+            self.split_graphs = {role: (_open_session(self.manifest.directory / part.file, providers,
+                                                          spinning=self.spinning), part)
                           for role, part in spec.items()}
 
     def encode_frames(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -114,9 +114,9 @@ def model_options(f):
 
 
 def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128",
-                revision=None):
+                revision=None, spinning=True):
     """--model/--engine/--backend -> a blip3v.runtime.session.Engine. `revision` defaults to the
-    command line's --revision."""
+    command line's --revision; `spinning` as in blip3v.runtime.backends.open_host."""
     from blip3v.runtime.backends import open_host
     from blip3v.runtime.session import Engine
 
@@ -124,7 +124,7 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
         ctx = click.get_current_context(silent=True)
         revision = ctx.meta.get(REVISION_KEY) if ctx is not None else None
     options = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
-    host = open_host(model, engine, backend, device, revision=revision, **options)
+    host = open_host(model, engine, backend, device, revision=revision, spinning=spinning, **options)
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.meta.get(VIDEO_KEY):
         host.video_options = dict(ctx.meta[VIDEO_KEY])
@@ -132,8 +132,9 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
 
 
 def open_backend(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
-    """The Engine, for commands (eval) that take `load_video` / `answer_batch` / `decode`."""
-    return open_engine(model, engine, backend, device, dtype, decoder, weights, group_size)
+    """The Engine, for commands (eval) that take `load_video` / `answer_batch` / `decode`; the next
+    clips decode beside it, so ONNX Runtime's threads do not spin."""
+    return open_engine(model, engine, backend, device, dtype, decoder, weights, group_size, spinning=False)
 
 
 def check_video_arg(video: Path) -> None:

@@ -100,14 +100,15 @@ def command(videos: str, questions: tuple[str, ...], out: Path, model, engine, b
             # Actors open the model on any node: local paths made absolute (valid where the file system
             # is shared); a Hub id stays as it is and resolves on each node.
             options = {"model": _absolute(model), "engine": _absolute(engine), "backend": backend, "device": device,
-                       "revision": revision, **torch_opts}
+                       "revision": revision, "spinning": False, **torch_opts}  # decoding runs beside it
             summary = run_ray(tasks, settings, options, sampling, results, address=ray_address, actors=ray_actors,
                               batch_size=ray_batch_size, decode_cpus=ray_decode_cpus, actor_cpus=ray_actor_cpus,
                               actor_gpus=ray_actor_gpus, progress=not quiet,
                               actor_memory=None if ray_actor_memory is None else int(ray_actor_memory * 2**30))
         else:
             summary = batch.run_local(
-                tasks, settings, lambda: open_engine(model, engine, backend, device, dtype, decoder, weights, group_size),
+                tasks, settings, lambda: open_engine(model, engine, backend, device, dtype, decoder, weights, group_size,
+                                                   spinning=False),
                 sampling, results, workers=workers, in_flight=in_flight, progress=not quiet)
         results.finish(batch.input_order(wanted))
     summary.skipped = skipped

@@ -89,7 +89,7 @@ def command(source, model, engine, backend, device, decoder, dtype, weights, gro
     sampling.validate()
     src = Source(source, SourceOptions(format=fmt, options=options, realtime=realtime, reconnect=reconnect,
                                        timeout=timeout))  # checks the path / scheme before a model loads
-    runner = open_engine(model, engine, backend, device, dtype, decoder, weights, group_size)
+    runner = open_engine(model, engine, backend, device, dtype, decoder, weights, group_size, spinning=False)
 
     def show(answer) -> None:
         if as_json:

@@ -11,7 +11,9 @@ shapes and dtypes are compared from the shard headers, and only then is each ten
 memory-mapped shard straight into its slot (`assign=True`), so a 17 GB checkpoint needs ~1x RAM.
 Each tensor read is checked (cheaply) for being entirely NaN/Inf or, for a matrix, all zeros.
 Temporal-encoder names of the authors' training code (`.gttm.`, `.ttm.`, `.tts.`) load as
-`.temporal_encoder.`. Saving fills a temporary sibling folder that replaces the target atomically
+`.temporal_encoder.`. What a released config.json leaves out and the release still fixes is read
+off the checkpoint (`load_config`): the temporal encoder from its tensors, the frame count from the
+released repository's name. Saving fills a temporary sibling folder that replaces the target atomically
 (`blip3v.atomic.atomic_dir`).
 
     python -c "from blip3v.model.checkpoint import load_checkpoint; load_checkpoint('DIR')"
@@ -20,6 +22,8 @@ Temporal-encoder names of the authors' training code (`.gttm.`, `.ttm.`, `.tts.`
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -28,7 +32,7 @@ from safetensors.torch import save_file
 
 from blip3v.atomic import atomic_dir
 from blip3v.errors import CheckpointError
-from blip3v.model.config import ConfigCheck, XGenMMConfig, read_json
+from blip3v.model.config import CONFIG_MAX_BYTES, ConfigCheck, XGenMMConfig, check_sizes, read_json
 from blip3v.model.xgenmm import XGenMMVideoModel
 
 try:  # transformers' config classes validate through huggingface_hub's strict dataclasses
@@ -248,6 +252,78 @@ def _materialise_buffers(model: XGenMMVideoModel) -> None:
         raise CheckpointError(f"tensors not set by the checkpoint: {_listing(leftover)}")
 
 
+_TEMPORAL = "vlm.vision_tokenizer.temporal_encoder."
+_FRAMES_IN_NAME = re.compile(r"-(\d{1,3})frames$")  # ...-128tokens-16frames, the released repositories
+
+
+def load_config(directory: str | Path) -> tuple[XGenMMConfig, list[str]]:
+    """config.json, completed from the checkpoint where a released config is silent -> (config,
+    one note per inferred field).
+
+    The released config.json files name their towers only and leave out the temporal encoder and
+    the frame count, which differ between the three releases (docs/MODEL.md, "Released
+    checkpoints"). When config.json gives no temporal encoder type, its type and sizes are read from the
+    tensor names and shard headers: `initial_memory` is the TTM's, `final_output` a TokenLearner
+    pooling after it (`gttm_tl`) or alone (`tl`), whose last layer's rows are the token count. When
+    it gives no `video_config.num_frames`, a checkpoint directory (or Hub cache folder) named as the
+    releases are, `...-16frames`, gives it. What a config states always wins."""
+    directory = Path(directory)
+    cfg = XGenMMConfig.load(directory)
+    raw = read_json(directory / "config.json", "not valid JSON", CONFIG_MAX_BYTES)
+    notes: list[str] = []
+    tokenizer = raw.get("vision_tokenizer_config")
+    section = tokenizer.get("temporal_encoder") if isinstance(tokenizer, dict) else None
+    section = raw.get("temporal_encoder_config") if section is None else section
+    named = isinstance(section, dict) and "type" in section
+    if not named and has_weights(directory):
+        temporal = _temporal_from_tensors(directory, cfg)
+        if temporal is not None and temporal != cfg.temporal_encoder_config:
+            cfg = replace(cfg, temporal_encoder_config=temporal)
+            notes.append(f"temporal encoder {temporal.type} (from the checkpoint's tensors; config.json names none)")
+    video = raw.get("video_config")
+    if not (isinstance(video, dict) and "num_frames" in video):
+        for name in (directory.name, *(p.name.split("--")[-1] for p in directory.parents if p.name.startswith("models--"))):
+            found = _FRAMES_IN_NAME.search(name)
+            if found and int(found.group(1)) != cfg.num_frames:
+                cfg = replace(cfg, num_frames=int(found.group(1)))
+                notes.append(f"{cfg.num_frames} frames (from the name {name}; config.json gives none)")
+                break
+    if notes:
+        check_sizes(cfg, ConfigCheck(str(directory / "config.json")))
+    return cfg, notes
+
+
+def _temporal_from_tensors(directory: Path, cfg: XGenMMConfig):
+    """The temporal encoder the tensors hold (type, tokens, memory, process layers), or None when
+    they hold none of the parameterised kinds."""
+    weight_map = read_weight_map(directory)
+    names, _ = canonical_names(weight_map, directory)
+    own = {n[len(_TEMPORAL):]: key for n, key in names.items() if n.startswith(_TEMPORAL)}
+
+    def shape(rel: str) -> tuple[int, ...]:
+        key = own[rel]
+        try:
+            with safe_open(str(weight_map[key]), framework="pt") as f:
+                return tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{weight_map[key]}: corrupt safetensors shard ({_first_line(exc)})") from None
+
+    pooled = "final_output.mlp.3.weight" in own  # TL(M): Linear(2M -> M), rows = M
+    if "initial_memory" in own:
+        kind = "gttm_tl" if pooled else "gttm"
+    elif pooled:
+        kind = "tl"
+    else:
+        return None
+    te = replace(cfg.temporal_encoder_config, type=kind)
+    if pooled:
+        te = replace(te, num_tokens=shape("final_output.mlp.3.weight")[0])
+    if kind != "tl":
+        layers = {int(m.group(1)) for rel in own if (m := re.match(r"ttm_unit\.process_layers\.(\d+)\.", rel))}
+        te = replace(te, memory_size=shape("initial_memory")[1], process_layers=max(layers) + 1 if layers else te.process_layers)
+    return te
+
+
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None,
                     attn_implementation: str = "sdpa") -> XGenMMVideoModel:
     """Builds the model from `config.json` and loads the shards lazily.
@@ -259,7 +335,7 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None,
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
-    cfg = XGenMMConfig.load(directory)
+    cfg, _ = load_config(directory)
     weight_map = read_weight_map(directory)
     names, _ = canonical_names(weight_map, directory)
     model = build_meta_model(cfg, directory / "config.json", attn_implementation)

@@ -116,14 +116,14 @@ def video_settings(model: str | os.PathLike | None = None, engine: str | os.Path
 
         spec = load_manifest(engine, verify_hashes=False).spec.model  # hashes: checked when it opens
         return VideoSettings(spec.num_frames, spec.image_size, tuple(spec.image_mean), tuple(spec.image_std), options)
-    from blip3v.model.config import XGenMMConfig  # torch-free: the config alone
+    from blip3v.model.checkpoint import load_config  # the frame count as the PyTorch backend will read it
     from blip3v.model.hub import resolve_checkpoint
 
     if model is None:
         from blip3v.assets import DEMO_MODEL
 
         model = DEMO_MODEL
-    cfg = XGenMMConfig.load(resolve_checkpoint(model, revision))
+    cfg, _ = load_config(resolve_checkpoint(model, revision))
     return VideoSettings(cfg.num_frames, cfg.image_size, tuple(cfg.image_mean), tuple(cfg.image_std), options)
 
 

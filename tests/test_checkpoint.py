@@ -395,3 +395,71 @@ def test_tokenizer_config_disagreement_is_an_error(tiny_ckpt, tmp_path):
     cfg.special_token_ids["end"] += 1
     with pytest.raises(CheckpointError, match="disagree"):
         check_tokenizer(cfg, load_tokenizer(tiny_ckpt))
+
+
+def _as_released(ckpt: Path) -> dict:
+    """config.json stripped of what the released files leave out: the temporal encoder and frames
+    (the attention sizes stay: at the tiny model's width the released defaults would not fit)."""
+    raw = json.loads((ckpt / "config.json").read_text())
+    section = raw["vision_tokenizer_config"]["temporal_encoder"]
+    given = dict(section)
+    for key in ("type", "num_tokens", "memory_size", "process_layers"):  # the rest: the released defaults' role
+        section.pop(key)
+    raw["video_config"].pop("num_frames")
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    return given
+
+
+@pytest.mark.parametrize("temporal,tokens", [("tl", 6), ("gttm_tl", 5), ("gttm", 4)])
+def test_released_config_silent_on_the_temporal_encoder_is_read_off_the_tensors(tmp_path, temporal, tokens):
+    from blip3v.model.checkpoint import load_config
+
+    original = make_tiny_checkpoint(tmp_path / "src", temporal=temporal, num_tokens=tokens)
+    want = load_checkpoint(original)
+    ckpt = _copy(original, tmp_path / f"xgen-mm-vid-r-v1.5-{want.config.num_video_tokens}tokens-16frames")
+    given = _as_released(ckpt)
+    cfg, notes = load_config(ckpt)
+    te = cfg.temporal_encoder_config
+    assert te.type == given["type"]
+    if temporal != "tl":  # the TTM's sizes; `tl` has none
+        assert (te.memory_size, te.process_layers) == (given["memory_size"], given["process_layers"])
+    assert cfg.num_video_tokens == want.config.num_video_tokens
+    assert cfg.num_frames == 16 and any("16 frames" in n for n in notes)
+    got = load_checkpoint(ckpt)  # the same weights load into the inferred model
+    for (name, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a, b), name
+    # What a config states wins: a wrong type stays wrong and the loader names the keys.
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["vision_tokenizer_config"]["temporal_encoder"] = {**given, "type": "gttm" if temporal == "tl" else "tl"}
+    raw["video_config"]["num_frames"] = 8
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert load_config(ckpt)[1] == []
+    with pytest.raises(CheckpointError, match="does not fit its config"):
+        load_checkpoint(ckpt)
+
+
+def test_inspect_says_what_it_inferred(tmp_path):
+    from conftest import run_cli
+
+    ckpt = make_tiny_checkpoint(tmp_path / "xgen-mm-vid-r-v1.5-6tokens-8frames", temporal="tl", num_tokens=6)
+    _as_released(ckpt)
+    proc = run_cli("inspect", ckpt, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["temporal_encoder"], report["video_tokens"], report["num_frames"]) == ("tl", 6, 8)
+    assert report["inferred"] == ["temporal encoder tl (from the checkpoint's tensors; config.json names none)"]
+
+
+def test_frames_come_from_the_hub_cache_folder_name(tiny_ckpt, tmp_path):
+    """A Hub id resolves to models--ORG--NAME/snapshots/REV: the frame count is read off NAME."""
+    from blip3v.model.checkpoint import load_config
+
+    snapshot = tmp_path / "models--Salesforce--xgen-mm-vid-phi3-mini-r-v1.5-128tokens-16frames" / "snapshots" / "0123abc"
+    ckpt = _copy(tiny_ckpt, snapshot)
+    assert load_config(ckpt)[0].num_frames == 8  # config.json says 8: it wins
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["video_config"].pop("num_frames")
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    cfg, notes = load_config(ckpt)
+    assert cfg.num_frames == 16
+    assert notes == ["16 frames (from the name xgen-mm-vid-phi3-mini-r-v1.5-128tokens-16frames; config.json gives none)"]

@@ -23,14 +23,15 @@ def command(target: str, as_json: bool) -> None:
 
     if not target.strip():  # Path("") is the current directory: say so instead of inspecting it
         raise InputError("PRESET_OR_DIR is empty: give a preset name or a checkpoint directory")
-    from blip3v.model.checkpoint import build_meta_model, canonical_names, has_weights, read_weight_map
-    from blip3v.model.config import XGenMMConfig, preset
+    from blip3v.model.checkpoint import build_meta_model, canonical_names, has_weights, load_config, read_weight_map
+    from blip3v.model.config import preset
     from blip3v.model.xgenmm import count_parameters
 
     renamed: dict[str, int] = {}
+    inferred: list[str] = []
     if Path(target).is_dir():
         directory = Path(target)
-        cfg, source = XGenMMConfig.load(directory), "checkpoint"
+        (cfg, inferred), source = load_config(directory), "checkpoint"
         if has_weights(directory):
             renamed = canonical_names(read_weight_map(directory), directory)[1]
     else:
@@ -45,6 +46,7 @@ def command(target: str, as_json: bool) -> None:
         "image_size": cfg.image_size,
         "parameters": counts,
         "renamed_keys": renamed,
+        "inferred": inferred,
         "config": cfg.to_dict(),
     }
     if as_json:
@@ -54,6 +56,8 @@ def command(target: str, as_json: bool) -> None:
                f"{cfg.num_frames} frames at {cfg.image_size}px -> {cfg.num_video_tokens} video tokens")
     for part, n in counts.items():
         click.echo(f"  {part:<17} {n:>15,}")
+    for note in inferred:
+        click.echo(f"  inferred: {note}")
     if renamed:
         click.echo("  keys loaded as .temporal_encoder.: "
                    + ", ".join(f"{n:,} named .{alias}." for alias, n in renamed.items()))

@@ -125,7 +125,7 @@ def run_ray(tasks: list[ClipTask], settings: VideoSettings, open_options: dict[s
         return summary.close(time.perf_counter() - t0)
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING if progress else logging.ERROR,
                  log_to_driver=progress, configure_logging=True)
         started = True
     bar = tqdm(total=len(tasks), disable=not progress, desc="batch (ray)", unit="clip", dynamic_ncols=True)

@@ -10,7 +10,9 @@ module reports (`video_open`, `video_index`, `video_seek`, `video_decode`, `vide
 
 `--before` also times another copy of runtime/video.py (e.g. `git show HEAD:runtime/video.py >
 /tmp/video_before.py`), its runs alternating with this module's so both see the same load.
-Extra `load_clip` keyword arguments go through `--kw name=value` (e.g. `--kw scaler=ffmpeg`).
+Extra `load_clip` keyword arguments go through `--kw name=value` (e.g. `--kw scaler=ffmpeg`), and
+settings of the video module through `--set NAME=JSON` (e.g. `--set GOP_WORKERS=1` for one decoder,
+`--set 'GOP_THREAD_TYPE="AUTO"'`), for this module's runs only.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ if spec["module"]:
     loader.loader.exec_module(video)
 else:
     from blip3v.runtime import video
+for name, value in spec.get("set", {}).items():  # module settings, e.g. GOP_WORKERS=1
+    setattr(video, name, value)
 parts = {}
 kwargs = dict(spec["kw"])
 if spec["timings"]:
@@ -92,8 +96,9 @@ def time_clip(path: Path, frames: int, size: int, mean, std, args) -> tuple[dict
     """Median of each reported part over `args.runs` fresh processes, for this module and, with
     --before, for that copy (runs alternating)."""
     spec = {"path": str(path), "frames": frames, "size": size, "mean": mean, "std": std, "module": None,
-            "kw": dict(kv.split("=", 1) for kv in args.kw), "timings": True}
-    before = dict(spec, module=args.before, kw={}, timings=False) if args.before else None
+            "kw": dict(kv.split("=", 1) for kv in args.kw), "timings": True,
+            "set": {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
+    before = dict(spec, module=args.before, kw={}, timings=False, set={}) if args.before else None
     now_runs, before_runs = [], []
     for _ in range(args.runs):
         now_runs.append(run_once(spec))
@@ -109,6 +114,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--before", help="also time this copy of runtime/video.py, alternating runs")
     parser.add_argument("--kw", action="append", default=[], help="extra load_clip keyword, name=value")
+    parser.add_argument("--set", action="append", default=[],
+                        help="a setting of the video module, NAME=JSON (e.g. GOP_WORKERS=1), for this module only")
     args = parser.parse_args()
     if args.make:
         make_clips(args.make)

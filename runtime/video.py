@@ -21,15 +21,22 @@ it). How they are found, cheapest first:
      avi): a grid anchored at the first decoded frame, nothing else read; or else
    - one demux-only pass reading each packet's pts, keyframe flag and byte position, decoding
      nothing (mkv, webm, MPEG-TS, variable-rate mp4, and every container on PyAV < 14, which has
-     no index access).
+     no index access). For Matroska/WebM with large frames, the frames are first read from a
+     constant-rate table guessed from the Cues (keyframes only) while this pass runs alongside on
+     its own container; they are kept only if the pass lists exactly the guessed frames, else
+     read again from its table (`_read_from_cues`).
    Each wanted frame is reached by a seek to the keyframe before it. The landing is checked: the
    packets before that keyframe are skipped (MPEG-TS seeks by timestamp and may land early), and a
    landing after it is retried from further back, last from the start. The decoder then runs to
    that exact pts and stops (or decodes on from the previous wanted frame when no keyframe lies
    between); h264 frames that nothing references and that are not wanted are not decoded at all
-   (`skip_frame` NONREF per packet). Any surprise (a pts missing or not in the table, a corrupt
-   frame, interlaced frames in a packet-counted table, any error) drops to path 3, so this path is
-   an optimisation, never a different answer.
+   (`skip_frame` NONREF per packet). Wanted frames after different keyframes need none of each
+   other's decoding: with frames of at least `GOP_PARALLEL_MIN_PIXELS` and more than one core,
+   one decoder per core (each with its own container, decoder and converter) takes these groups,
+   largest first, and each frame is converted and resized on the thread that decoded it. Any
+   surprise (a pts missing or not in the table, a corrupt frame, interlaced frames in a
+   packet-counted table, any error, in any decoder) drops to path 3, so this path is an
+   optimisation, never a different answer.
 3. Decode path: everything else (raw streams, broken indexes). One pass decodes every frame
    without converting it, recording its pts and holding the frames while they fit in
    `HOLD_BUDGET_BYTES`. N is then known; the wanted frames come from what was held, or else from
@@ -59,7 +66,10 @@ Timings: pass a dict as `timings` and the video stage adds its parts in millisec
 `video_open` (opening the file, reading headers), `video_index` (the frame table: the index, or
 the demux-only pass), `video_seek` (seeks and the packets skipped to reach a keyframe),
 `video_decode` (demuxing and decoding what is fed to the decoder), `video_convert` (pixel format,
-rotation, resizing, normalising). Every key is present, 0.0 when a part did not run.
+rotation, resizing, normalising). Every key is present, 0.0 when a part did not run. While several
+threads work at once (decoders side by side, the demux pass alongside), each part gets its share
+of the wall time they took (its time summed over the threads, times wall / all threads' time), so
+the parts still add up to at most the stage's wall time.
 
 Broken input raises `InputError` with one line naming the file: whatever PyAV or Pillow raise
 (FFmpeg errors, but also IndexError from a demuxer meeting a stream that appeared mid-file) is
@@ -81,6 +91,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import chain
 
 import av
@@ -132,6 +143,20 @@ THREAD_MIN_PIXELS = 640 * 360
 # Skip decoding h264 frames that no other frame references and that are not wanted (exact: such
 # a frame cannot change any other). Off only to measure what it saves.
 SKIP_NONREF = True
+# Decoders run side by side on the sampled frames' GOPs (each from its own keyframe, so none needs
+# another's frames) when the frames are at least this large: below it, opening another container
+# costs about what the second core saves. GOP_WORKERS: None for one per usable core, or a count
+# (1: one decoder, the frames in order).
+GOP_PARALLEL_MIN_PIXELS = THREAD_MIN_PIXELS
+GOP_WORKERS: int | None = None
+# Codec threads of the side-by-side decoders (PyAV thread_type). None: "NONE" (one thread each,
+# ~20 % less CPU than frame threads: measured in benchmarks/RESULTS.md) when there are at least two
+# groups per decoder to even out the load, else "AUTO" (frame threads keep every core busy while
+# the largest group finishes).
+GOP_THREAD_TYPE: str | None = None
+# Matroska/WebM: decode from a table guessed from the Cues while the exact demux-only pass runs
+# alongside (`_read_from_cues`). Off only to measure what it saves.
+SPECULATE_FROM_CUES = True
 
 DECODERS = ("cpu", "cuda", "auto")
 ASPECTS = ("squash", "pad")
@@ -245,10 +270,19 @@ def load_clip(
     clock = _Clock(timings)
     fill = _pad_colour(mean)
     convert = _ScaleInDecoder(image_size, aspect, fill) if scaler == "ffmpeg" else None
-    clip = _read(os.fspath(path), num_frames, decoder, convert, clock, notes)
+    # Each video frame is resized as soon as it is converted, on the thread that decoded it (while
+    # other decoders still run); kept by id with the image, so only images that reach the clip
+    # unchanged use it.
+    early: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def finish(image: np.ndarray) -> None:
+        early[id(image)] = (image, _resize(image, image_size, aspect, fill))
+
+    clip = _read(os.fspath(path), num_frames, decoder, convert, clock, notes, finish)
     start = time.perf_counter()
     images = _same_size(clip.images, *clip.images[clip.order[0]].shape[:2])  # as read_frames stacks them
-    resized = [_resize(f, image_size, aspect, fill) for f in images]  # each (S, S, 3)
+    resized = [early[id(f)][1] if id(f) in early and early[id(f)][0] is f else _resize(f, image_size, aspect, fill)
+               for f in images]  # each (S, S, 3)
     pixels = _normalise(np.stack([resized[i] for i in clip.order]), mean, std)
     clock.add("video_convert", start)
     return pixels
@@ -369,7 +403,7 @@ class _Clip:
     order: list[int]  # T positions into images
 
 
-def _read(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes) -> _Clip:
+def _read(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes, finish=None) -> _Clip:
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     _check_file(path)
@@ -377,7 +411,7 @@ def _read(path: str, num_frames: int, decoder: str, convert, clock: _Clock, note
     if image is not None:
         with image:
             return _image_frames(image, path, num_frames, clock)
-    return _video_frames(path, num_frames, decoder, convert or _to_rgb, clock, notes)
+    return _video_frames(path, num_frames, decoder, convert or _to_rgb, clock, notes, finish)
 
 
 def _picked(picked: dict[int, np.ndarray], wanted: list[int]) -> _Clip:
@@ -575,6 +609,17 @@ def _video_stream(container, path: str):
     return stream
 
 
+def _set_threads(stream, thread_type: str) -> None:
+    """The decoder's threading, where the frames are large enough for threads (`_video_stream`);
+    a decoder already opened keeps what it has."""
+    ctx = stream.codec_context
+    if (ctx.width or 0) * (ctx.height or 0) < THREAD_MIN_PIXELS or getattr(ctx, "is_open", True):
+        return
+    stream.thread_type = thread_type
+    if thread_type == "NONE":
+        ctx.thread_count = 1
+
+
 def _demux(container, stream) -> Iterator:
     """Packets of `stream` from the current position, ending quietly at an unreadable stretch.
 
@@ -700,29 +745,36 @@ class _ScaleInDecoder:
 
 
 class _Converter:
-    """Applies the read's frame conversion with one reformatter, timing it as video_convert."""
+    """Applies the read's frame conversion with one reformatter, timing it as video_convert.
 
-    def __init__(self, convert, clock: _Clock, path: str):
-        self.convert, self.clock, self.path = convert, clock, path
+    `finish`, if given, is called with each converted image on the same thread (load_clip's
+    resize, done while other decoders still run)."""
+
+    def __init__(self, convert, clock: _Clock, path: str, finish=None):
+        self.convert, self.clock, self.path, self.finish = convert, clock, path, finish
         self.reformatter = av.video.reformatter.VideoReformatter()
 
     def __call__(self, frame) -> np.ndarray:
         _limit_frame_size(frame.width, frame.height, self.path)  # a stream may change size midway
         start = time.perf_counter()
         try:
-            return self.convert(frame, self.reformatter)
+            image = self.convert(frame, self.reformatter)
+            if self.finish is not None:
+                self.finish(image)
+            return image
         finally:
             self.clock.add("video_convert", start)
 
 
-def _video_frames(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes) -> _Clip:
+def _video_frames(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes, finish) -> _Clip:
     container, used = _open_container(path, decoder, clock, notes)
-    converter = _Converter(convert, clock, path)
+    converter = _Converter(convert, clock, path, finish)
     try:
         with container:
             stream = _video_stream(container, path)
             try:
-                clip = _read_by_seeking(container, stream, num_frames, converter, clock)
+                # Hardware decoding stays on one decoder: the GPU has its own parallelism.
+                clip = _read_by_seeking(path, container, stream, num_frames, converter, clock, used == "cpu")
             except InputError:
                 raise
             except Exception:  # noqa: BLE001 - a seek or demux surprise: the decode path still works
@@ -819,47 +871,306 @@ def _packet_table(container, stream) -> _Table | None:
     return _Table(pts, sorted(keys, key=lambda k: k.pts), exact=True)
 
 
-def _read_by_seeking(container, stream, num_frames: int, convert: _Converter, clock: _Clock) -> _Clip | None:
+def _read_by_seeking(path: str, container, stream, num_frames: int, convert: _Converter, clock: _Clock,
+                     parallel: bool) -> _Clip | None:
     """Path 2 of the module docstring; None when it does not apply or meets a surprise."""
     table = _index_table(container, stream, clock)
+    # Two threads at least: the guess is read while the exact table is made.
+    if table is None and parallel and SPECULATE_FROM_CUES and _gop_workers(stream) > 1:
+        clip = _read_from_cues(path, container, stream, num_frames, convert, clock)
+        if clip is not _NO_CUES:
+            return clip
     if table is None:
         start = time.perf_counter()
         table = _packet_table(container, stream)
         clock.add("video_index", start)
     if table is None:
         return None
+    return _read_with_table(path, container, stream, table, num_frames, convert, clock, parallel)
 
+
+def _read_with_table(path: str, container, stream, table: _Table, num_frames: int, convert: _Converter,
+                     clock: _Clock, parallel: bool) -> _Clip | None:
+    """The frames `frame_indices` picks from the frames `table` lists; None on a surprise."""
     wanted = frame_indices(len(table.pts), num_frames)
-    keep = {table.pts[i] for i in wanted}
-    known = set(table.pts) if table.exact else None
     picked: dict[int, np.ndarray] = {}
-    frames, last_pts = table.frames, None
-    if table.first is not None:
-        last_pts = table.first.pts
-        if 0 in wanted:
-            picked[0] = convert(table.first)
+    if table.first is not None and 0 in wanted:
+        picked[0] = convert(table.first)
+    groups = _gop_groups(table, sorted(set(wanted) - picked.keys()))
+    if groups is None:
+        return None
+    workers = min(len(groups), _gop_workers(stream)) if parallel else 1
+    if workers > 1:
+        if table.frames is not None:
+            table.frames.close()  # the anchor's decoder: each worker has its own
+        got = _read_groups_in_parallel(path, table, groups, workers, convert, clock)
+    else:
+        reader = _Reader(container, stream, table, anchored=True)
+        got = _read_groups(reader, table, groups, convert)
+        reader.close()
+    if got is None:
+        return None
+    picked.update(got)
+    return _picked(picked, wanted)
+
+
+_NO_CUES = object()  # _read_from_cues: no guess to make, nothing read
+
+
+def _read_from_cues(path: str, container, stream, num_frames: int, convert: _Converter, clock: _Clock):
+    """Matroska/WebM: the frames read from a guessed table while the exact one is made.
+
+    The Cues (read by libavformat into the stream's index at the first seek) list keyframes only,
+    not every frame, so they cannot say which frame is frame i. They do give a guess: frames at
+    the stream's constant rate from the first keyframe for the segment's duration, every listed
+    keyframe on that grid. The wanted frames of the guess are decoded (their pts checked against
+    it as they come) while the demux-only pass runs on its own container in another thread; the
+    result is kept only if that pass lists exactly the guessed pts, so it is the same as reading
+    with the pass's table. Otherwise the frames are read again with the pass's table.
+    `_NO_CUES` (nothing read) when the container is not Matroska or PyAV has no index access.
+    """
+    if "matroska" not in container.format.name or getattr(stream, "index_entries", None) is None:
+        return _NO_CUES
+    index_timings: dict[str, float] = {}
+
+    def exact_table() -> _Table | None:
+        index_clock = _Clock(index_timings)
+        start = time.perf_counter()
+        with _open_plain(path) as own:
+            start = index_clock.add("video_open", start)
+            try:
+                return _packet_table(own, own.streams[stream.index])
+            finally:
+                index_clock.add("video_index", start)
+
+    before = dict(clock.timings) if clock.timings is not None else {}
+    phase = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip3v-index")
+    try:
+        pending = pool.submit(exact_table)
+        clip = None
+        try:
+            start = time.perf_counter()
+            try:
+                guess = _cue_table(container, stream)
+            except Exception:  # noqa: BLE001 - no guess: wait for the pass (on its own, fresh container)
+                guess = None
+            clock.add("video_index", start)
+            if guess is not None:
+                clip = _read_with_table(path, container, stream, guess, num_frames, convert, clock, True)
+        finally:
+            try:
+                exact = pending.result()
+            except Exception:  # noqa: BLE001 - the pass fails as it would have on the first container
+                exact = None
+            _share_wall(clock, before, [index_timings], phase)
+    finally:
+        pool.shutdown(wait=True)
+    if exact is None:
+        return None
+    if clip is not None and exact.pts == guess.pts:
+        return clip
+    return _read_with_table(path, container, stream, exact, num_frames, convert, clock, True)
+
+
+def _cue_table(container, stream) -> _Table | None:
+    """The constant-rate table guessed from a Matroska stream's Cues (see `_read_from_cues`);
+    None when there is none to guess. Moves the container to the start."""
+    rate, duration = stream.average_rate, container.duration
+    if not rate or not duration or duration <= 0 or stream.time_base is None:
+        return None
+    container.seek(0, stream=stream, backward=True)  # reads the Cues into the index
+    cues = [e for e in stream.index_entries if e.is_keyframe]
+    if not cues:
+        return None
+    first = min(e.timestamp for e in cues)
+    step = 1 / (Fraction(rate) * Fraction(stream.time_base))  # ticks per frame
+    count = round((Fraction(duration, 1_000_000) - first * Fraction(stream.time_base)) * Fraction(rate))
+    if not 0 < count <= MAX_PACKETS:
+        return None
+    # first + i * step to the nearest tick, in integers: (2 i num + den) // (2 den).
+    num, den = step.numerator, step.denominator
+    pts = [first + (2 * i * num + den) // (2 * den) for i in range(count)]
+    on_grid = set(pts)
+    if any(e.timestamp not in on_grid for e in cues):
+        return None
+    # A cue's position is its cluster's, not the block's: the landing is checked by pts instead.
+    keys = [_Key(t, None, -1) for t in sorted({e.timestamp for e in cues})]
+    return _Table(pts, keys, exact=True)
+
+
+def _share_wall(clock: _Clock, before: dict[str, float], others: list[dict[str, float]], start: float) -> None:
+    """Parts timed on several threads at once, made to cover the wall time since `start` once.
+
+    `clock` has gained parts since `before` (the calling thread's, and anything already added);
+    `others` hold other threads' parts over the same time. Each part gets its share of the wall
+    time: its summed thread time times wall / all threads' time.
+    """
+    if clock.timings is None:
+        return
+    wall = (time.perf_counter() - start) * 1e3
+    parts = [{key: clock.timings[key] - before[key] for key in TIMING_KEYS}, *others]
+    busy = sum(sum(t.values()) for t in parts)
+    for key in TIMING_KEYS:
+        clock.timings[key] = before[key] + sum(t.get(key, 0.0) for t in parts) * wall / max(busy, 1e-9)
+
+
+def _gop_groups(table: _Table, indices: list[int]) -> list[list[int]] | None:
+    """The frames to read (ascending) grouped by the keyframe they are decoded from: one group
+    per keyframe that has frames wanted after it. None when a frame lies before every keyframe
+    and no decoder runs from the start (only decoding from the start finds it)."""
     key_pts = [k.pts for k in table.keys]
-    for index in sorted(set(wanted) - picked.keys()):
-        target = table.pts[index]
-        at = bisect.bisect_right(key_pts, target) - 1
-        # Decoding on is cheaper than a seek unless a keyframe lies between here and the target.
-        if frames is None or last_pts >= target or (at >= 0 and key_pts[at] > last_pts):
+    groups: list[list[int]] = []
+    last_key = None
+    for index in indices:
+        at = bisect.bisect_right(key_pts, table.pts[index]) - 1
+        if at < 0 and table.frames is None:
+            return None
+        if groups and at == last_key:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+        last_key = at
+    return groups
+
+
+def _gop_workers(stream) -> int:
+    """How many decoders may run side by side: one per usable core, for frames large enough that
+    a decoder is worth its own open container (`GOP_PARALLEL_MIN_PIXELS`)."""
+    ctx = stream.codec_context
+    if (ctx.width or 0) * (ctx.height or 0) < GOP_PARALLEL_MIN_PIXELS:
+        return 1
+    if GOP_WORKERS is not None:
+        return GOP_WORKERS
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class _Reader:
+    """One container's decoder reaching wanted frames in ascending pts order: it decodes on from
+    the last frame it gave while no keyframe lies between, and seeks to the keyframe before the
+    target otherwise."""
+
+    def __init__(self, container, stream, table: _Table, *, anchored: bool = False):
+        self.container, self.stream, self.table = container, stream, table
+        self.keep: set[int] = set()  # set by the caller: the pts of every wanted frame
+        self.known = set(table.pts) if table.exact else None
+        self.key_pts = [k.pts for k in table.keys]
+        # The grid's anchor (frame 0) leaves the first container's decoder running: decode on from it.
+        self.frames = table.frames if anchored else None
+        self.last_pts = table.first.pts if self.frames is not None else None
+
+    def frame(self, target: int, clock: _Clock):
+        """The decoded frame shown at pts `target`, or None (a surprise: see _decode_until)."""
+        at = bisect.bisect_right(self.key_pts, target) - 1
+        frames, last_pts = self.frames, self.last_pts
+        if frames is None or last_pts >= target or (at >= 0 and self.key_pts[at] > last_pts):
             if at < 0:
                 return None  # no keyframe shown before the target: only decoding from the start finds it
             if frames is not None:
                 frames.close()  # puts the decoder's skip_frame back before the seek
-            packets = _seek(container, stream, table.keys, at, clock)
+                self.frames = None
+            packets = _seek(self.container, self.stream, self.table.keys, at, clock)
             if packets is None:
                 return None
-            frames = _decode(stream, packets, clock, keep)
-        frame = _decode_until(frames, target, known)
-        if frame is None:
-            return None
-        if table.exact and frame.interlaced_frame:
-            return None  # field pictures may come two packets to a frame: count frames instead
-        picked[index] = convert(frame)
-        last_pts = frame.pts
-    return _picked(picked, wanted)
+            self.frames = frames = _decode(self.stream, packets, clock, self.keep)
+        frame = _decode_until(frames, target, self.known)
+        if frame is None or (self.table.exact and frame.interlaced_frame):
+            return None  # interlaced: field pictures may come two packets to a frame, count frames instead
+        self.last_pts = frame.pts
+        return frame
+
+    def close(self) -> None:
+        if self.frames is not None:
+            self.frames.close()
+            self.frames = None
+
+
+def _read_groups(reader: _Reader, table: _Table, groups: list[list[int]], convert) -> dict | None:
+    """The groups' frames read one after another by one decoder."""
+    reader.keep = {table.pts[i] for group in groups for i in group}
+    picked = {}
+    for group in groups:
+        for index in group:
+            frame = reader.frame(table.pts[index], convert.clock)
+            if frame is None:
+                return None
+            picked[index] = convert(frame)
+    return picked
+
+
+def _read_groups_in_parallel(path: str, table: _Table, groups: list[list[int]], workers: int,
+                             convert: _Converter, clock: _Clock) -> dict | None:
+    """The groups' frames read by `workers` decoders side by side, each with its own container,
+    decoder (threads per `GOP_THREAD_TYPE`) and converter: groups start at different keyframes,
+    so no decoder needs another's frames. The calling thread is one of them; the largest groups
+    go first so the last to finish is a short one. PyAV releases the GIL while it demuxes,
+    decodes and converts, so the threads use separate cores.
+
+    Timings: each worker times its own parts; they are added into `clock` scaled so that together
+    they cover the wall time the workers took (each part's share of the work done)."""
+    keep = {table.pts[i] for group in groups for i in group}
+    # Frames from the keyframe to the last wanted one: what a group costs to decode.
+    thread_type = GOP_THREAD_TYPE or ("NONE" if len(groups) >= 2 * workers else "AUTO")
+    key_pts = [k.pts for k in table.keys]
+    key_index = {}
+    for group in groups:
+        at = bisect.bisect_right(key_pts, table.pts[group[0]]) - 1
+        key_index[id(group)] = bisect.bisect_left(table.pts, table.keys[at].pts) if at >= 0 else 0
+    todo = deque(sorted(groups, key=lambda g: g[-1] - key_index[id(g)], reverse=True))
+    lock = threading.Lock()
+    picked: dict[int, np.ndarray] = {}
+    failed = threading.Event()
+    parts: list[dict[str, float]] = []
+
+    def work() -> None:
+        timings: dict[str, float] = {}
+        with lock:
+            parts.append(timings)
+        wclock = _Clock(timings)
+        wconvert = _Converter(convert.convert, wclock, path, convert.finish)
+        container = own = None
+        try:
+            start = time.perf_counter()
+            container = _open_plain(path)
+            stream = _video_stream(container, path)
+            wclock.add("video_open", start)
+            _set_threads(stream, thread_type)
+            own = _Reader(container, stream, table)
+            own.keep = keep
+            while not failed.is_set():
+                with lock:
+                    if not todo:
+                        return
+                    group = todo.popleft()
+                for index in group:
+                    frame = own.frame(table.pts[index], wclock)
+                    if frame is None:
+                        failed.set()
+                        return
+                    picked[index] = wconvert(frame)
+        except Exception:  # noqa: BLE001 - any surprise: the decode path takes over
+            failed.set()
+        finally:
+            if own is not None:
+                own.close()
+            if container is not None:
+                container.close()
+
+    before = dict(clock.timings) if clock.timings is not None else {}
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="blip3v-gop")
+    try:
+        helpers = [pool.submit(work) for _ in range(workers - 1)]
+        work()
+        for helper in helpers:
+            helper.result()
+    finally:
+        pool.shutdown(wait=True)
+        _share_wall(clock, before, parts, start)
+    return None if failed.is_set() else picked
 
 
 def _seek(container, stream, keys: list[_Key], at: int, clock: _Clock) -> Iterator | None:
@@ -907,7 +1218,9 @@ def _is_past(packet, key: _Key) -> bool:
         return True  # the end: the keyframe was not after the landing
     if key.pos >= 0 and packet.pos is not None and packet.pos >= 0:
         return packet.pos > key.pos
-    return packet.dts is not None and key.dts is not None and packet.dts > key.dts
+    if key.dts is None:  # known by pts alone (Matroska cues): a later keyframe is past it
+        return packet.is_keyframe and packet.pts is not None and packet.pts > key.pts
+    return packet.dts is not None and packet.dts > key.dts
 
 
 def _decode_until(frames: Iterator, target: int, known: set[int] | None = None):

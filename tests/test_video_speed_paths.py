@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import av
 import numpy as np
@@ -63,6 +64,24 @@ def counting_decoded_frames(monkeypatch) -> list[int]:
     return count
 
 
+def counting_opened_containers(monkeypatch) -> list[int]:
+    count = [0]
+    open_plain = video._open_plain
+
+    def counted(path):
+        count[0] += 1
+        return open_plain(path)
+
+    monkeypatch.setattr(video, "_open_plain", counted)
+    return count
+
+
+def side_by_side(monkeypatch, workers: int) -> None:
+    """Up to `workers` decoders read GOPs side by side, whatever the frame size."""
+    monkeypatch.setattr(video, "GOP_PARALLEL_MIN_PIXELS", 0)
+    monkeypatch.setattr(video, "GOP_WORKERS", workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeking in every container
 
@@ -81,13 +100,21 @@ CONTAINERS = [
 def test_seek_path_in_every_container_matches_full_decode(tmp_path, ext, codec, kwargs, monkeypatch):
     # 150 frames, a keyframe every 30, B-frames where the codec uses them: frames are reached by
     # seeking (decode path forbidden) and must be the very frames a full decode gives.
+    # Read by one decoder, then by three side by side (each GOP from its own keyframe).
     path = write_video(tmp_path / f"clip.{ext}", bar_frames(150), codec=codec, **kwargs)
     reference = decode_all(path)
     assert len(reference) == 150
     forbid(monkeypatch, "_read_by_decoding")
-    for t in (T, 32):
-        want = np.stack([reference[i] for i in frame_indices(150, t)])
-        np.testing.assert_array_equal(read_frames(path, t), want)
+    opened = counting_opened_containers(monkeypatch)
+    for workers in (1, 3):
+        side_by_side(monkeypatch, workers)
+        opened[0] = 0
+        for t in (T, 32):
+            want = np.stack([reference[i] for i in frame_indices(150, t)])
+            np.testing.assert_array_equal(read_frames(path, t), want)
+        # Each read: the first container (index), then one per decoder side by side, and for
+        # Matroska the demux pass's own (it runs alongside: see the cue test below).
+        assert opened[0] == 2 * (1 if workers == 1 else 1 + workers + (ext in ("mkv", "webm")))
 
 
 def test_nonreference_frames_are_skipped_exactly(tmp_path, monkeypatch):
@@ -175,6 +202,74 @@ def test_load_clip_converts_each_distinct_frame_once(tmp_path):
                       codec="gif", pix_fmt="rgb8")
     for path in (still, gif, grey_clip(tmp_path / "short.mkv", count=5)):
         np.testing.assert_array_equal(load_clip(path, T, 16), preprocess(read_frames(path, T), 16))
+
+
+def test_side_by_side_decoders_fall_back_to_the_decode_path(tmp_path, monkeypatch):
+    # A surprise in one of the other decoders (here: every frame it looks for) drops the whole
+    # read to the decode path, which gives the same frames; without it, the pixels are those of
+    # the old pipeline, each frame resized on the thread that decoded it.
+    path = write_video(tmp_path / "clip.mp4", bar_frames(150, 96, 64), options={"g": "20"})
+    side_by_side(monkeypatch, 2)
+    np.testing.assert_array_equal(load_clip(path, T, 32), reference_pixels(path, T, 32))
+    frame = video._Reader.frame
+
+    def fails_off_the_calling_thread(self, target, clock):
+        if threading.current_thread().name.startswith("blip3v-gop"):
+            return None
+        return frame(self, target, clock)
+
+    monkeypatch.setattr(video._Reader, "frame", fails_off_the_calling_thread)
+    decoded = [0]
+    by_decoding = video._read_by_decoding
+
+    def counted(*args):
+        decoded[0] += 1
+        return by_decoding(*args)
+
+    monkeypatch.setattr(video, "_read_by_decoding", counted)
+    np.testing.assert_array_equal(load_clip(path, T, 32), reference_pixels(path, T, 32))
+    assert decoded[0] == 1
+
+
+def test_matroska_cue_guess_is_kept_only_when_the_demux_pass_agrees(tmp_path, monkeypatch):
+    # The Cues list keyframes only: frames are read from a constant-rate guess while the demux
+    # pass runs, and read again from the pass's table when it lists other frames. A dropped frame
+    # at 100 (a gap of 80 ms) makes the guess one frame too many, which no decoded frame shows.
+    side_by_side(monkeypatch, 2)
+    forbid(monkeypatch, "_read_by_decoding")
+    reads = [0]
+    read_with_table = video._read_with_table
+
+    def counted(*args):
+        reads[0] += 1
+        return read_with_table(*args)
+
+    monkeypatch.setattr(video, "_read_with_table", counted)
+    steady = write_video(tmp_path / "steady.mkv", bar_frames(150), options={"g": "30"})
+    gap = write_video(tmp_path / "gap.mkv", bar_frames(150), pts=[40 * i + 40 * (i >= 100) for i in range(150)],
+                      options={"g": "30"})
+    for path, per_read in ((steady, 1), (gap, 2)):
+        reference = decode_all(path)
+        assert len(reference) == 150
+        reads[0] = 0
+        for t in (T, 32):
+            want = np.stack([reference[i] for i in frame_indices(150, t)])
+            np.testing.assert_array_equal(read_frames(path, t), want)
+        assert reads[0] == 2 * per_read, path
+
+
+def test_side_by_side_timings_cover_the_stage_once(tmp_path, monkeypatch):
+    # Each decoder times its own parts; they are scaled to the wall time they took together, so
+    # the parts never add up to more than the call (a structural property, not a speed check).
+    path = write_video(tmp_path / "clip.mp4", bar_frames(150, 96, 64), options={"g": "20"})
+    side_by_side(monkeypatch, 3)
+    timings = {}
+    start = time.perf_counter()
+    load_clip(path, T, 32, timings=timings)
+    elapsed = (time.perf_counter() - start) * 1e3
+    assert set(timings) == set(video.TIMING_KEYS)
+    assert all(timings[k] > 0 for k in ("video_open", "video_seek", "video_decode", "video_convert"))
+    assert sum(timings.values()) <= elapsed
 
 
 def test_timings_report_every_part(tmp_path):

@@ -1,8 +1,15 @@
 """`blip3v calibrate`: an fp32 engine directory -> a quantized engine directory and a report.
 
-    visual   int8: Q/DQ graph calibrated on video frames (calibration/visual_int8.py) | fp32: as is
-    decoder  int4 / int8: weight-only MatMulNBits, activation-aware scales from prompts that carry
-             the visual graph's own video tokens (calibration/weight_only.py) | fp32: as is
+    visual   int8: Q/DQ graphs from ONNX Runtime's static quantizer calibrated on video frames
+             (calibration/visual_int8.py): the fused visual.onnx, and the per-frame frame.onnx of
+             the split visual path (live mode) where the engine has one | fp32: as is
+    decoder  int4 / int8: weight-only MatMulNBits packed by ORT, activation-aware scales from
+             prompts that carry the visual graph's own video tokens (calibration/weight_only.py)
+             | fp32: as is
+
+The report times every quantized graph against its float original on the same inputs and flags
+one that is slower (`slower_than_fp32`): INT8 Q/DQ pays off on TensorRT's INT8 kernels, and on a
+CPU without fast int8 paths it can cost more than it saves.
 
 The new engine is the old one with its graph files replaced and the manifest extended by a
 `quantization` block (precision, method, sample count, sha256 of the calibration set). It is built
@@ -15,6 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,14 @@ import onnx
 
 from blip3v.calibration.data import CalibrationSet
 from blip3v.errors import InputError
+from blip3v.progress import StepBar
 
 VISUAL_CHOICES = ("int8", "fp32")
 DECODER_CHOICES = ("int4", "int8", "fp32")
 CALIBRATION_SEED = 424_242  # synthetic calibration clips: far from eval seeds and the training stream
 HELD_OUT_SEED = 31_337  # synthetic clips for the agreement check
+SLOWER_MARGIN = 1.05  # a quantized graph over 5 % slower than fp32 is flagged (below that: timing noise)
+TIMING_ROUNDS = 10
 
 
 @dataclass
@@ -84,27 +95,51 @@ def _sizes(directory: Path, names: list[str]) -> dict[str, int]:
     return {n: sum(p.stat().st_size for p in directory.glob(n + "*")) for n in names}
 
 
-def _timings(engine: Path, clips: np.ndarray, question: str, new_tokens: int = 16) -> dict[str, float]:
-    """Median visual ms and decode ms/token over a few clips (exactly `new_tokens` tokens each)."""
+def decode_timing(before: Path, after: Path, clips: np.ndarray, question: str, new_tokens: int = 16,
+                  passes: int = 4) -> dict[str, Any]:
+    """Decode ms/token of two engines on the same clips and prompt (exactly `new_tokens` tokens
+    each): per clip the median step, the best over `passes` passes after a warm-up one, the two
+    engines alternating clip by clip (as graph_timing)."""
     from blip3v.runtime.decoding import generate
     from blip3v.runtime.generation import SamplingConfig
     from blip3v.runtime.ort_backend import OrtBackend
 
-    backend = OrtBackend.load(engine)
-    visual, decode = [], []
-    rows = [backend.tokenizer.encode_prompt(question)]
-    for i, clip in enumerate(list(clips) * 2):
-        t0 = time.perf_counter()
-        video = backend.encode_video(clip[None])
-        t1 = time.perf_counter()
-        embeds, mask = backend.splice(rows, video)
-        marks: list[float] = []
-        generate(backend, embeds, mask, SamplingConfig(max_new_tokens=new_tokens), (),  # no stop ids
-                 on_token=lambda _r, _t: marks.append(time.perf_counter()))
-        if i >= len(clips):  # the first pass warms up
-            visual.append((t1 - t0) * 1e3)
-            decode.append((marks[-1] - marks[0]) * 1e3 / (len(marks) - 1))
-    return {"visual_ms": float(np.median(visual)), "decode_ms_per_token": float(np.median(decode))}
+    backends = {"fp32_ms_per_token": OrtBackend.load(before), "quantized_ms_per_token": OrtBackend.load(after)}
+    best = {k: np.full(len(clips), np.inf) for k in backends}
+    for pass_ in range(passes + 1):
+        for i, clip in enumerate(clips):
+            for key, backend in backends.items():
+                prompt = [backend.tokenizer.encode_prompt(question)]
+                embeds, mask = backend.splice(prompt, backend.encode_video(clip[None]))
+                marks: list[float] = []
+                generate(backend, embeds, mask, SamplingConfig(max_new_tokens=new_tokens), (),  # no stop ids
+                         on_token=lambda _r, _t: marks.append(time.perf_counter()))
+                if pass_:  # pass 0 warms up
+                    best[key][i] = min(best[key][i], float(np.median(np.diff(marks))) * 1e3)
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in best.items()}
+    out["slower_than_fp32"] = out["quantized_ms_per_token"] > SLOWER_MARGIN * out["fp32_ms_per_token"]
+    return out
+
+
+def graph_timing(before: Path, after: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """ms per feed of the float graph and its quantized copy on the same feeds, one thread each:
+    per feed the best of TIMING_ROUNDS runs (timeit's rule: load from other processes only ever
+    adds time), the two graphs alternating run by run so that a busy spell on a shared machine
+    hits both."""
+    from blip3v.calibration.graph import session
+
+    sessions = {"fp32_ms": session(before, threads=1), "quantized_ms": session(after, threads=1)}
+    best = {k: np.full(len(feeds), np.inf) for k in sessions}
+    for round_ in range(TIMING_ROUNDS + 1):
+        for i, feed in enumerate(feeds):
+            for key, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                if round_:  # round 0 warms up
+                    best[key][i] = min(best[key][i], (time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in best.items()}
+    out["slower_than_fp32"] = out["quantized_ms"] > SLOWER_MARGIN * out["fp32_ms"]
+    return out
 
 
 def _answers(engine: Path, data: Path) -> dict[str, Any]:
@@ -145,10 +180,13 @@ def _write_engine(source: Path, out: Path, graphs: dict[str, onnx.ModelProto], q
 
 
 def calibrate_engine(engine: str | Path, out: str | Path, videos: str | Path | None, opts: CalibrateOptions,
-                     eval_data: str | Path | None = None, log=lambda _m: None) -> dict[str, Any]:
+                     eval_data: str | Path | None = None, log=lambda _m: None,
+                     progress: bool = False) -> dict[str, Any]:
     """Quantizes `engine` into `out`; returns the report (also stored, without per-layer detail, in
-    the new manifest's `quantization` block)."""
-    from blip3v.calibration.visual_int8 import quantize_visual, run_visual, token_error
+    the new manifest's `quantization` block). `progress`: one bar with an ETA on stderr over the
+    steps below (log lines then go above it)."""
+    from blip3v.calibration.data import FrameReader
+    from blip3v.calibration.visual_int8 import quantize_visual, run_graph, token_error
     from blip3v.calibration.weight_only import quantize_decoder
     from blip3v.runtime.manifest import load_manifest
     from blip3v.runtime.ort_backend import OrtBackend
@@ -166,80 +204,124 @@ def calibrate_engine(engine: str | Path, out: str | Path, videos: str | Path | N
     if "quantization" in manifest.raw:
         raise InputError(f"{engine} is already quantized; calibrate its fp32 source engine")
     backend = OrtBackend.load(engine)
+    split = opts.visual == "int8" and "frame" in manifest.raw  # the per-frame graph of live mode
+    rtn = opts.compare_rtn and opts.decoder != "fp32" and opts.weights == "awq"
+    if eval_data is not None and not Path(eval_data).is_dir():
+        raise InputError(f"{eval_data}: held-out folder not found (--eval-data: a folder written by blip3v data synth)")
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="blip3v-calibrate-") as tmp:
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="blip3v-calibrate-"))
+        # The calibration clips are read before the bar starts: a bad video is then one error line.
         if videos is None:
             log(f"calibration videos: {opts.samples} synthetic clips (seed {CALIBRATION_SEED})")
             videos = _synth(Path(tmp) / "calib", opts.samples, CALIBRATION_SEED)
         calib = CalibrationSet.from_folder(videos, backend.num_frames, backend.image_size, backend.image_mean,
                                            backend.image_std, samples=opts.samples)
+        # Each step's share of the bar: rough relative cost on the demo engine (the sensitivity
+        # pass moves its share layer by layer).
+        weights = {"visual": 6.0 if opts.keep else 1.0, "frame": 1.5 if opts.keep else 0.5, "decoder": 1.0,
+                   "write": 0.3, "held-out answers": 3.0, "round-to-nearest": 2.0, "timing": 1.5}
+        skip = {"visual": opts.visual == "fp32", "frame": not split, "decoder": opts.decoder == "fp32",
+                "round-to-nearest": not rtn}
+        bar = stack.enter_context(StepBar({k: v for k, v in weights.items() if not skip.get(k)}, desc="calibrate",
+                                          enabled=progress))
+        if progress:
+            log = bar.write
         log(f"calibration set: {len(calib)} clips from {videos}")
+        source = "synthetic" if Path(videos).is_relative_to(tmp) else str(videos)
         quantization: dict[str, Any] = {"samples": len(calib), "calibration_sha256": calib.digest(),
-                                        "calibration_source": "synthetic" if Path(videos).is_relative_to(tmp) else str(videos)}
+                                        "calibration_source": source}
         report: dict[str, Any] = {"engine": str(engine), "out": str(out)}
         graphs: dict[str, onnx.ModelProto] = {}
-        visual_path = manifest.path("visual")
-        visual_float = onnx.load(str(visual_path))
-        feeds = list(calib.visual_feeds(backend.pixel_name, backend.dtype))
-        if opts.visual == "int8":
-            log(f"[visual] INT8 Q/DQ ({opts.method}), sensitivity pass keeps {opts.keep} layer(s) in float")
-            graphs["visual"], vis = quantize_visual(visual_float, feeds, backend.video_name, opts.method, opts.keep, log=log)
-            vis["video_tokens_vs_float_all_clips"] = token_error(run_visual(visual_float, feeds, backend.video_name),
-                                                                 run_visual(graphs["visual"], feeds, backend.video_name))
-            report["visual"] = vis
-            quantization["visual"] = {"precision": "int8", "format": "qdq", "activations": "symmetric per tensor",
-                                      "weights": "symmetric per output channel", "method": opts.method,
-                                      "kept_float": vis["kept_float"],
-                                      "video_tokens_cosine": vis["video_tokens_vs_float_all_clips"]["cosine"]}
-        if opts.decoder != "fp32":
-            log(f"[decoder] weight-only {opts.decoder} ({opts.weights}, block {opts.block_size}) on prompts with "
-                "real video tokens")
-            # The decoder is calibrated on the video tokens it will be fed: the quantized visual
-            # graph's where there is one. (Demo model: with the float graph's tokens instead, AWQ
-            # changed the first answer token on 2 of 400 held-out clips behind the INT8 visual
-            # graph; with the INT8 graph's tokens on none, as round-to-nearest.)
-            encode = None
-            if "visual" in graphs:
-                from blip3v.calibration.graph import session
-
-                visual_session = session(graphs["visual"])
-
-                def encode(pixels: np.ndarray) -> np.ndarray:
-                    return visual_session.run([backend.video_name], {backend.pixel_name: pixels})[0]
-            dec_feeds = decoder_feeds(backend, calib, encode)
-            dec_float = onnx.load(str(manifest.path("decoder")))
-            graphs["decoder"], dec = quantize_decoder(dec_float, dec_feeds, opts.decoder, opts.weights, opts.block_size,
-                                                      opts.accuracy_level, log=log)
-            report["decoder"] = dec
-            quantization["decoder"] = {"precision": opts.decoder, "format": "MatMulNBits", "method": opts.weights,
-                                       "block_size": opts.block_size, "accuracy_level": opts.accuracy_level}
-        log(f"writing {out}")
-        _write_engine(engine, out, graphs, quantization)
-
-        log("report: sizes, agreement with the fp32 engine on held-out clips, timings")
-        names = [manifest["visual"]["file"], manifest["decoder"]["file"]]
-        report["size_bytes"] = {"before": _sizes(engine, names), "after": _sizes(out, names)}
-        data = Path(eval_data) if eval_data else _synth(Path(tmp) / "heldout", opts.eval_n, HELD_OUT_SEED)
-        ref, got = _answers(engine, data), _answers(out, data)
-        agreement = {"clips": ref["n"], "data": str(eval_data or f"synthetic seed {HELD_OUT_SEED}"),
-                     "same_answer": _agreement(ref, got), "accuracy_fp32": ref["accuracy"],
-                     "accuracy_quantized": got["accuracy"]}
-        if opts.compare_rtn and opts.decoder != "fp32" and opts.weights == "awq":
-            log("  scoring round-to-nearest weights on the same clips, for comparison")
-            rtn_out = Path(tmp) / "rtn-engine"
-            rtn_graphs = dict(graphs)
-            rtn_graphs["decoder"], _ = quantize_decoder(dec_float, dec_feeds, opts.decoder, "rtn", opts.block_size,
-                                                        opts.accuracy_level)
-            _write_engine(engine, rtn_out, rtn_graphs, quantization)
-            rtn = _answers(rtn_out, data)
-            agreement.update(same_answer_rtn=_agreement(ref, rtn), accuracy_rtn=rtn["accuracy"])
-        report["agreement"] = agreement
+        timing: dict[str, dict[str, Any]] = {}
         probe = calib.clips[:3]
-        report["timing"] = {"before": _timings(engine, probe, calib.questions[0]),
-                            "after": _timings(out, probe, calib.questions[0])}
+        if opts.visual == "int8":
+            roles = [("visual", backend.pixel_name, backend.video_name, False)]
+            if split:
+                frame = manifest.raw["frame"]
+                roles.append(("frame", frame["inputs"]["pixel_values"], frame["outputs"]["latents"], True))
+            for role, given, gives, per_frame in roles:
+                path = manifest.path("visual") if role == "visual" else engine / manifest.raw[role]["file"]
+                n_layers = len(_layers(path))
+                with bar.step(role, total=n_layers if opts.keep else None) as advance:
+                    log(f"[{role}] INT8 Q/DQ ({opts.method}) through onnxruntime.quantization, sensitivity pass "
+                        f"keeps {opts.keep} layer(s) in float")
+                    reader = (lambda g=given, f=per_frame: FrameReader(calib, g, per_frame=f))
+                    graphs[role], vis = quantize_visual(path, reader, gives, opts.method, opts.keep, log=log,
+                                                        advance=advance)
+                    feeds = list(reader())
+                    vis["vs_float_all_clips"] = token_error(run_graph(path, feeds, gives),
+                                                            run_graph(graphs[role], feeds, gives))
+                    report[role] = vis
+                    quantization[role] = {"precision": "int8", "format": "qdq",
+                                          "quantizer": "onnxruntime.quantize_static",
+                                          "activations": "symmetric per tensor",
+                                          "weights": "symmetric per output channel", "method": opts.method,
+                                          "kept_float": vis["kept_float"],
+                                          f"{gives}_cosine": vis["vs_float_all_clips"]["cosine"]}
+                    timing[role] = graph_timing(path, graphs[role], feeds[:len(probe)])
+        if opts.decoder != "fp32":
+            with bar.step("decoder"):
+                log(f"[decoder] weight-only {opts.decoder} ({opts.weights}, block {opts.block_size}) on prompts with "
+                    "real video tokens, packed by onnxruntime's MatMulNBitsQuantizer")
+                # The decoder is calibrated on the video tokens it will be fed: the quantized visual
+                # graph's where there is one. (Demo model: with the float graph's tokens instead, AWQ
+                # changed the first answer token on 2 of 400 held-out clips behind the INT8 visual
+                # graph; with the INT8 graph's tokens on none, as round-to-nearest.)
+                encode = None
+                if "visual" in graphs:
+                    from blip3v.calibration.graph import session
+
+                    visual_session = session(graphs["visual"])
+
+                    def encode(pixels: np.ndarray) -> np.ndarray:
+                        return visual_session.run([backend.video_name], {backend.pixel_name: pixels})[0]
+                dec_feeds = decoder_feeds(backend, calib, encode)
+                dec_float = onnx.load(str(manifest.path("decoder")))
+                graphs["decoder"], dec = quantize_decoder(dec_float, dec_feeds, opts.decoder, opts.weights,
+                                                          opts.block_size, opts.accuracy_level, log=log)
+                report["decoder"] = dec
+                quantization["decoder"] = {"precision": opts.decoder, "format": "MatMulNBits", "method": opts.weights,
+                                           "block_size": opts.block_size, "accuracy_level": opts.accuracy_level,
+                                           "packer": "onnxruntime MatMulNBitsQuantizer"}
+        with bar.step("write"):
+            log(f"writing {out}")
+            _write_engine(engine, out, graphs, quantization)
+        names = [manifest.raw[role]["file"] for role in ("visual", "frame", "decoder") if role in manifest.raw]
+        report["size_bytes"] = {"before": _sizes(engine, names), "after": _sizes(out, names)}
+        with bar.step("held-out answers"):
+            log("agreement with the fp32 engine on held-out clips")
+            data = Path(eval_data) if eval_data else _synth(Path(tmp) / "heldout", opts.eval_n, HELD_OUT_SEED)
+            ref, got = _answers(engine, data), _answers(out, data)
+            agreement = {"clips": ref["n"], "data": str(eval_data or f"synthetic seed {HELD_OUT_SEED}"),
+                         "same_answer": _agreement(ref, got), "accuracy_fp32": ref["accuracy"],
+                         "accuracy_quantized": got["accuracy"]}
+        if rtn:
+            with bar.step("round-to-nearest"):
+                log("  scoring round-to-nearest weights on the same clips, for comparison")
+                rtn_out = Path(tmp) / "rtn-engine"
+                rtn_graphs = dict(graphs)
+                rtn_graphs["decoder"], _ = quantize_decoder(dec_float, dec_feeds, opts.decoder, "rtn", opts.block_size,
+                                                            opts.accuracy_level)
+                _write_engine(engine, rtn_out, rtn_graphs, quantization)
+                rtn_answers = _answers(rtn_out, data)
+                agreement.update(same_answer_rtn=_agreement(ref, rtn_answers), accuracy_rtn=rtn_answers["accuracy"])
+        report["agreement"] = agreement
+        with bar.step("timing"):
+            log("timing each quantized graph against its float original on the same inputs")
+            if opts.decoder != "fp32":
+                timing["decoder"] = decode_timing(engine, out, probe, calib.questions[0])
+        report["timing"] = timing
+        report["slower_than_fp32"] = [role for role, t in timing.items() if t["slower_than_fp32"]]
     report["quantization"] = quantization
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     return report
+
+
+def _layers(path: Path) -> list[str]:
+    from blip3v.calibration.visual_int8 import weight_layers
+
+    return weight_layers(onnx.load(str(path), load_external_data=False))
 
 
 def summary(report: dict[str, Any]) -> list[str]:
@@ -248,15 +330,17 @@ def summary(report: dict[str, Any]) -> list[str]:
     b, a = report["size_bytes"]["before"], report["size_bytes"]["after"]
     for name in b:
         lines.append(f"{name}: {b[name] / 2**20:.2f} MiB -> {a[name] / 2**20:.2f} MiB")
-    if "visual" in report:
-        v = report["visual"]
-        err = v["video_tokens_vs_float_all_clips"]
-        lines.append(f"visual int8 ({v['method']}): {v['quantized_layers']}/{v['layers']} layers quantized, kept float: "
-                     f"{', '.join(v['kept_float']) or 'none'}; video tokens cosine {err['cosine']:.5f} "
-                     f"(min {err['cosine_min']:.5f})")
-        worst = sorted(v["per_layer"], key=lambda p: p["cosine"])[:5]
-        lines.append("  most sensitive layers (1 - cosine of the video tokens, that layer alone in INT8): "
-                     + ", ".join(f"{p['layer']} {1 - p['cosine']:.1e}" for p in worst))
+    for role in ("visual", "frame"):
+        if role in report:
+            v = report[role]
+            err = v["vs_float_all_clips"]
+            lines.append(f"{role} int8 ({v['method']}): {v['quantized_layers']}/{v['layers']} layers quantized, kept "
+                         f"float: {', '.join(v['kept_float']) or 'none'}; output cosine vs fp32 {err['cosine']:.5f} "
+                         f"(min {err['cosine_min']:.5f})")
+            if v["per_layer"]:
+                worst = sorted(v["per_layer"], key=lambda p: p["cosine"])[:5]
+                lines.append("  most sensitive layers (1 - cosine of the output, that layer alone in INT8): "
+                             + ", ".join(f"{p['layer']} {1 - p['cosine']:.1e}" for p in worst))
     if "decoder" in report:
         d = report["decoder"]
         m = d["method"]
@@ -271,7 +355,13 @@ def summary(report: dict[str, Any]) -> list[str]:
     if "same_answer_rtn" in g:
         line += f" (round-to-nearest: {100 * g['same_answer_rtn']:.1f}% same, accuracy {g['accuracy_rtn']:.3f})"
     lines.append(line)
-    t = report["timing"]
-    lines.append(f"visual {t['before']['visual_ms']:.1f} -> {t['after']['visual_ms']:.1f} ms; decode "
-                 f"{t['before']['decode_ms_per_token']:.2f} -> {t['after']['decode_ms_per_token']:.2f} ms/token")
+    for role, t in report["timing"].items():
+        unit = "ms/token (decode)" if role == "decoder" else "ms"
+        before, after = (t["fp32_ms_per_token"], t["quantized_ms_per_token"]) if role == "decoder" else (
+            t["fp32_ms"], t["quantized_ms"])
+        flag = "  SLOWER THAN FP32" if t["slower_than_fp32"] else ""
+        lines.append(f"{role}: fp32 {before:.2f} -> quantized {after:.2f} {unit}{flag}")
+    if report["slower_than_fp32"]:
+        lines.append(f"warning: slower than fp32 on this machine: {', '.join(report['slower_than_fp32'])} (INT8 Q/DQ "
+                     "pays off where the runtime has INT8 kernels, e.g. TensorRT; keep the fp32 graph otherwise)")
     return lines

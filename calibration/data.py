@@ -3,11 +3,14 @@ real video tokens.
 
     clips = CalibrationSet.from_folder("videos/", num_frames=8, image_size=64, samples=32)
     for feed in clips.visual_feeds("pixel_values", np.float32): ...      # {input name: (1, T, 3, S, S)}
+    quantize_static(..., calibration_data_reader=FrameReader(clips, "pixel_values", per_frame=True))
 
 Videos are read by `blip3v.runtime.video.load_clip`, the function the runtime uses at inference,
 so the calibration sees exactly the pixels a deployed engine sees (decoder, sampling, resize and
-normalisation included). Questions come from the folder's `qa.jsonl` when it has one (a folder
-written by `blip3v data synth`), otherwise from the synthetic task's question forms.
+normalisation included). `FrameReader` hands the same clips to ONNX Runtime's static quantizer,
+whole (the fused visual graph) or as a batch of T frames (the per-frame graph). Questions come
+from the folder's `qa.jsonl` when it has one (a folder written by `blip3v data synth`), otherwise
+from the synthetic task's question forms.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+from onnxruntime.quantization import CalibrationDataReader
 
 from blip3v.errors import InputError
 
@@ -94,6 +99,31 @@ class CalibrationSet:
             h.update(hashlib.sha256(path.read_bytes()).digest())
         return h.hexdigest()
 
-    def visual_feeds(self, input_name: str, dtype: np.dtype) -> Iterator[dict[str, np.ndarray]]:
+    def visual_feeds(self, input_name: str, dtype: npt.DTypeLike = np.float32,
+                     per_frame: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """A feed per clip: (1, T, 3, S, S) for the fused visual graph, or its T frames as one batch
+        (T, 3, S, S) for the per-frame graph."""
         for clip in self.clips:
-            yield {input_name: clip[None].astype(dtype)}  # (1, T, 3, S, S)
+            yield {input_name: (clip if per_frame else clip[None]).astype(dtype)}
+
+
+class FrameReader(CalibrationDataReader):
+    """ONNX Runtime's calibration data reader over a CalibrationSet, one clip a feed.
+
+    `set_range` lets `quantize_static` (extra option CalibStridedMinMax) collect statistics a few
+    clips at a time: its histogram calibrators otherwise keep every intermediate tensor of every
+    clip in memory at once, which for a real-sized vision tower is gigabytes per clip."""
+
+    def __init__(self, clips: CalibrationSet, input_name: str, per_frame: bool = False):
+        self.clips, self.input_name, self.per_frame = clips, input_name, per_frame
+        self.set_range(0, len(clips))
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        subset = CalibrationSet(self.clips.clips[start_index:end_index], [], [])
+        self._feeds = subset.visual_feeds(self.input_name, np.float32, self.per_frame)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)

@@ -1,193 +1,113 @@
-"""INT8 visual graph with explicit Q/DQ nodes, calibrated on video frames.
+"""INT8 visual graphs (the fused visual.onnx and the per-frame frame.onnx) through ONNX Runtime's
+static quantizer, calibrated on video frames.
 
-Every MatMul / Gemm / Conv that carries a weight gets
-    x -> QuantizeLinear(s_x, 0) -> DequantizeLinear -> op       symmetric int8 activation, per tensor
-    W_int8 -> DequantizeLinear(s_w[c], 0, axis=out) -> op       symmetric int8 weight, per output channel
-which is the form TensorRT's explicit quantization consumes (it fuses the pairs into INT8 kernels)
-and ONNX Runtime runs as written. The activation ranges come from calibration clips:
+    onnxruntime.quantization.quantize_static, QDQ format, on every MatMul / Gemm / Conv that
+    carries a weight (named in nodes_to_quantize: ORT's QDQ MatMul ignores MatMulConstBOnly and
+    would quantize attention's activation x activation MatMuls too):
+        x -> QuantizeLinear(s_x, 0) -> DequantizeLinear -> op     int8 activation, symmetric, per tensor
+        W_int8 -> DequantizeLinear(s_w[c], 0) -> op                int8 weight, symmetric, per output channel
+    the op's output stays float (OpTypesToExcludeOutputQuantization), as TensorRT's explicit
+    quantization wants it: it fuses each pair into an INT8 kernel. ONNX Runtime runs it as written.
 
-    minmax      s_x = max |x| / 127 over the calibration set
-    percentile  the 99.99th percentile of |x| (outliers clipped)
-    entropy     the threshold minimising KL(P || Q) between the |x| histogram and its 128-level
-                quantization (TensorRT's entropy calibration)
+The activation ranges are ORT's calibrators fed by `FrameReader` (calibration/data.py, the runtime's
+own video reader): --method minmax -> MinMax, entropy -> Entropy, percentile -> Percentile (99.99th,
+outliers clipped).
 
-A sensitivity pass then quantizes one layer at a time and measures how far the video tokens move
-(1 - cosine similarity against the float graph); the `keep` worst layers stay in float.
+A sensitivity pass then quantizes one layer at a time (the ranges collected once, through ORT's
+calibration cache) and measures how far the graph's output moves (1 - cosine similarity against the
+float graph); the `keep` worst layers stay float (left out of `nodes_to_quantize`). On the demo model the worst
+layer alone moves the video tokens ten times more than the next one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from blip3v.calibration.graph import (Namer, WeightNode, add_initializer, drop_unused_initializers, initializers,
-                                      run_collect, session, weight_nodes)
+from blip3v.calibration.data import FrameReader
+from blip3v.calibration.graph import PROTO_LIMIT, quiet_ort, session
 from blip3v.errors import InputError
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
-BINS = 2048
 PERCENTILE = 99.99
+OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True,
+           "OpTypesToExcludeOutputQuantization": list(QUANT_OPS), "CalibPercentile": PERCENTILE,
+           # one clip's intermediate tensors in memory at a time (FrameReader.set_range)
+           "CalibStridedMinMax": 1}
 
 
-@dataclass
-class Ranges:
-    """Per activation tensor: max |x| and a histogram of |x| over [0, max] (BINS bins)."""
-
-    amax: dict[str, float] = field(default_factory=dict)
-    hist: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def collect_ranges(model: onnx.ModelProto, targets: list[WeightNode], feeds: list[dict[str, np.ndarray]]) -> Ranges:
-    """Two passes over the calibration feeds: max |x|, then the histograms on that range."""
-    names = sorted({t.activation for t in targets})
-    ranges = Ranges({n: 0.0 for n in names})
-
-    def amax(name: str, x: np.ndarray) -> None:
-        ranges.amax[name] = max(ranges.amax[name], float(np.abs(x).max()))
-
-    run_collect(model, names, feeds, amax)
-    ranges.hist = {n: np.zeros(BINS, np.int64) for n in names}
-
-    def hist(name: str, x: np.ndarray) -> None:
-        top = ranges.amax[name] or 1.0
-        ranges.hist[name] += np.histogram(np.abs(x), bins=BINS, range=(0.0, top))[0]
-
-    run_collect(model, names, feeds, hist)
-    return ranges
+def weight_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul / Gemm / Conv nodes whose second input is a float initializer."""
+    floats = {t.name for t in model.graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    return [n.name for n in model.graph.node if n.op_type in QUANT_OPS and len(n.input) > 1
+            and n.input[1] in floats and n.input[0] not in floats]
 
 
-def _entropy_threshold(hist: np.ndarray, top: float, levels: int = 128) -> float:
-    """TensorRT-style: the clip bin i (>= levels) minimising KL(P_i || Q_i), where P_i is the histogram
-    cut at i with the clipped tail folded into its last bin, and Q_i the cut histogram *without* the
-    tail merged into `levels` bins and expanded back over P's non-empty bins (so clipping a tail that
-    holds mass is penalised)."""
-    hist = hist.astype(np.float64)
-    width = top / len(hist)
-    best, best_i = np.inf, len(hist)
-    for i in range(levels, len(hist) + 1, 16):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        nonzero = p > 0
-        if not nonzero.any():
-            continue
-        q = np.zeros(i)
-        for chunk in np.array_split(np.arange(i), levels):
-            mass, used = hist[chunk].sum(), nonzero[chunk].sum()
-            if used:
-                q[chunk] = np.where(nonzero[chunk], mass / used, 0.0)
-        p_n, q_n = p / p.sum(), q / max(q.sum(), 1e-12)
-        mask = nonzero & (q_n > 0)
-        kl = float(np.sum(p_n[mask] * np.log(p_n[mask] / q_n[mask]))) + float(p_n[nonzero & ~(q_n > 0)].sum() * 1e3)
-        if kl < best:
-            best, best_i = kl, i
-    return (best_i + 0.5) * width
-
-
-def thresholds(ranges: Ranges, method: str) -> dict[str, float]:
+def quantize(model: Path, reader: Callable[[], FrameReader], method: str, cache: Path,
+             layers: list[str]) -> onnx.ModelProto:
+    """`model` (a file) -> its INT8 Q/DQ graph with `layers` (node names) quantized. Ranges come
+    from `cache` when it exists (written by the first call), else from running `reader()`'s feeds."""
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    out = {}
-    for name, top in ranges.amax.items():
-        if top == 0.0:
-            out[name] = 1.0  # an all-zero tensor: any scale represents it
-        elif method == "minmax":
-            out[name] = top
-        elif method == "percentile":
-            cdf = np.cumsum(ranges.hist[name]) / max(1, ranges.hist[name].sum())
-            out[name] = (int(np.searchsorted(cdf, PERCENTILE / 100.0)) + 1) * top / BINS
-        else:
-            out[name] = _entropy_threshold(ranges.hist[name], top)
-    return out
-
-
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: -> (int8 weight, float32 scale per channel)."""
-    reduce = tuple(d for d in range(w.ndim) if d != axis)
-    scale = np.abs(w).max(axis=reduce) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def insert_qdq(model: onnx.ModelProto, targets: list[WeightNode], amax: dict[str, float]) -> onnx.ModelProto:
-    """A copy of `model` with Q/DQ on the activations and weights of `targets`."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = initializers(out)
-    fresh = Namer(out)
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}
-    dq_of: dict[str, str] = {}  # activation tensor -> its dequantized copy (shared by every consumer)
-    for t in targets:
-        before = new_nodes.setdefault(t.index, [])
-        if t.activation not in dq_of:
-            scale = add_initializer(out, fresh(f"{t.activation}_scale"), np.array(amax[t.activation] / 127.0, np.float32))
-            zero = add_initializer(out, fresh(f"{t.activation}_zero"), np.array(0, np.int8))
-            q, dq = fresh(f"{t.activation}_q"), fresh(f"{t.activation}_dq")
-            before.append(helper.make_node("QuantizeLinear", [t.activation, scale, zero], [q], name=fresh(f"{q}_node")))
-            before.append(helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=fresh(f"{dq}_node")))
-            dq_of[t.activation] = dq
-        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-        wq, ws = quantize_weight(w, t.out_axis)
-        wq_name = add_initializer(out, fresh(f"{t.weight}_int8"), wq)
-        ws_name = add_initializer(out, fresh(f"{t.weight}_scale"), ws)
-        wz_name = add_initializer(out, fresh(f"{t.weight}_zero"), np.zeros(len(ws), np.int8))
-        w_dq = fresh(f"{t.weight}_dq")
-        before.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [w_dq], axis=t.out_axis,
-                                       name=fresh(f"{w_dq}_node")))
-        node = out.graph.node[t.index]
-        node.input[0] = dq_of[t.activation]
-        node.input[1] = w_dq
-    nodes = []
-    for i, node in enumerate(out.graph.node):
-        nodes.extend(new_nodes.get(i, []))
-        nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    drop_unused_initializers(out)
-    return out
+    with tempfile.TemporaryDirectory(prefix="blip3v-qdq-") as tmp, quiet_ort():
+        out = Path(tmp) / "model.onnx"
+        quantize_static(str(model), str(out), reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANT_OPS), per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=list(layers), calibrate_method=METHODS[method],
+                        use_external_data_format=model.stat().st_size > PROTO_LIMIT,
+                        extra_options=dict(OPTIONS), calibration_cache_path=str(cache))
+        return onnx.load(str(out))
 
 
 def token_error(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Video tokens (N, M, D) against the float graph's: mean cosine similarity per token, max abs diff."""
+    """Outputs (..., D) against the float graph's: mean cosine similarity per row, max abs diff."""
     a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
     b = got.reshape(-1, got.shape[-1]).astype(np.float64)
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
     return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max())}
 
 
-def run_visual(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], output: str) -> np.ndarray:
+def run_graph(model: onnx.ModelProto | Path, feeds: list[dict[str, np.ndarray]], output: str) -> np.ndarray:
     sess = session(model)
     return np.concatenate([sess.run([output], f)[0] for f in feeds])
 
 
-def quantize_visual(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], output: str, method: str = "entropy",
-                    keep: int = 2, sensitivity_clips: int = 4, log=lambda _m: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """-> (the INT8 Q/DQ graph, report). `keep` most sensitive layers stay float."""
-    targets = weight_nodes(model, QUANT_OPS)
-    if not targets:
-        raise InputError("the visual graph has no MatMul/Gemm/Conv with weights to quantize")
-    log(f"  {len(targets)} weight layers; collecting activation ranges on {len(feeds)} clips ({method})")
-    amax = thresholds(collect_ranges(model, targets, feeds), method)
-    probe = feeds[:sensitivity_clips]
-    ref = run_visual(model, probe, output)
-    log(f"  sensitivity: quantizing one layer at a time on {len(probe)} clips")
-    per_layer = []
-    for t in targets:
-        err = token_error(ref, run_visual(insert_qdq(model, [t], amax), probe, output))
-        per_layer.append({"layer": t.name, "op": t.op, "weight": t.weight, **err})
-    ranked = sorted(range(len(targets)), key=lambda i: per_layer[i]["cosine"])  # most harmful first
-    kept = set(ranked[:max(0, min(keep, len(targets)))])
-    quantized = [t for i, t in enumerate(targets) if i not in kept]
-    qmodel = insert_qdq(model, quantized, amax)
-    full = token_error(ref, run_visual(qmodel, probe, output))
-    report = {"method": method, "layers": len(targets), "quantized_layers": len(quantized),
-              "kept_float": [per_layer[i]["layer"] for i in sorted(kept)],
-              "per_layer": per_layer, "video_tokens_vs_float": full}
+def quantize_visual(model: Path, reader: Callable[[], FrameReader], output: str, method: str = "percentile",
+                    keep: int = 2, sensitivity_clips: int = 4,
+                    log: Callable[[str], None] = lambda _m: None,
+                    advance: Callable[[int], None] = lambda _n: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """`model` (visual.onnx or frame.onnx) -> (its INT8 Q/DQ graph, report). The `keep` layers that
+    move `output` most, each quantized alone, stay float. `advance(1)` after each layer tried."""
+    layers = weight_layers(onnx.load(str(model), load_external_data=False))
+    if not layers:
+        raise InputError(f"{model.name} has no MatMul/Gemm/Conv with weights to quantize")
+    probe = list(reader())[:sensitivity_clips]
+    ref = run_graph(model, probe, output)
+    with tempfile.TemporaryDirectory(prefix="blip3v-ranges-") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        log(f"  {model.name}: {len(layers)} weight layers; activation ranges on {len(reader())} clips ({method})")
+        full = quantize(model, reader, method, cache, layers)  # also writes the range cache the pass below reads
+        per_layer: list[dict[str, Any]] = []
+        if keep:
+            log(f"  sensitivity: quantizing one layer at a time on {len(probe)} clips")
+            for name in layers:
+                alone = quantize(model, reader, method, cache, [name])
+                per_layer.append({"layer": name, **token_error(ref, run_graph(alone, probe, output))})
+                advance(1)
+        ranked = sorted(per_layer, key=lambda p: p["cosine"])  # most harmful first
+        kept = sorted(p["layer"] for p in ranked[:min(keep, len(layers))])
+        qmodel = quantize(model, reader, method, cache, [n for n in layers if n not in kept]) if kept else full
+    report = {"method": method, "layers": len(layers), "quantized_layers": len(layers) - len(kept),
+              "kept_float": kept, "per_layer": per_layer,
+              f"{output}_vs_float": token_error(ref, run_graph(qmodel, probe, output))}
     return qmodel, report

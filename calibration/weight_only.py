@@ -1,33 +1,36 @@
-"""Weight-only INT4 / INT8 decoder: every weight MatMul becomes ONNX Runtime's `MatMulNBits`.
+"""Weight-only INT4 / INT8 decoder: every weight MatMul becomes ONNX Runtime's `MatMulNBits`,
+packed by ORT's `MatMulNBitsQuantizer` (symmetric blocks of `block_size` along K, its default
+round-to-nearest algorithm). What ORT lacks, and this module adds before it packs:
 
-Weights are quantized symmetrically in blocks of `block_size` along K (one float scale per block
-and output column; zero point 2^(bits-1), the op's default). Two ways to choose the scales:
+    awq  activation-aware scales (after AWQ, arXiv 2306.00978), from the inputs each MatMul
+         actually sees on calibration prompts that carry real video tokens: a per-input-channel
+         scale s = mean|x|^alpha (alpha searched on a grid, alpha = 0 is plain RTN) moves rounding
+         error away from the channels with large activations. The float graph is rewritten so that
+         ORT quantizes W' = diag(s) W and the MatMul is fed x / s, with 1/s folded into the
+         preceding RMSNorm weight where that is the only consumer, or into the columns of the
+         MatMul that produces the input (o_proj: V of qkv; down_proj: up of gate_up), else one Mul.
+         Scaling a whole output column leaves its rounded integers unchanged (per-block absmax
+         scales), so the column fold is exact. The search scores each alpha with ORT's own
+         rounding, so on the calibration activations AWQ's output error is never above RTN's.
+    rtn  ORT's quantizer on the float weights as they are.
 
-    rtn  round to nearest: scale = max |w| over the block / (2^(bits-1) - 1); the baseline.
-    awq  activation-aware (after AWQ, arXiv 2306.00978): from the inputs each MatMul actually sees
-         on calibration prompts that carry real video tokens, (1) a per-input-channel scale
-         s = mean|x|^alpha (alpha searched on a grid, alpha = 0 is RTN) moves quantization error
-         away from the channels with large activations: W' = diag(s) W is quantized and x / s is
-         fed in, folded into the preceding RMSNorm weight where that is the only consumer, or into
-         the columns of the MatMul that produces the input (o_proj: V of qkv; down_proj: up of
-         gate_up), else one Mul. The grid includes RTN's choice, so on the calibration activations AWQ's output error
-         is never above RTN's.
 AWQ's second step, a per-block clipping-ratio search, is left out on evidence: on the demo decoder
 it lowered the calibration output error further but changed the first answer token on 2 of 400
-held-out clips (0.9-1.0 ratios only: 1 of 400), where scaling alone and RTN changed none.
+held-out clips, where scaling alone and RTN changed none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer,
+                                                             MatMulNBitsQuantizer)
 
-from blip3v.calibration.graph import (Namer, WeightNode, add_initializer, drop_unused_initializers, ensure_opset,
-                                      initializers, run_collect, weight_nodes)
+from blip3v.calibration.graph import quiet_ort, run_collect
 from blip3v.errors import InputError
 
 SCHEMES = {"int4": 4, "int8": 8}
@@ -37,126 +40,82 @@ ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 MAX_ROWS = 256  # calibration activation rows kept per MatMul
 
 
-@dataclass
-class QuantizedWeight:
-    q: np.ndarray  # (N, n_blocks * block) uint8, zero point 2^(bits-1)
-    scales: np.ndarray  # (N, n_blocks) float32
-    in_scale: np.ndarray | None  # (K,) AWQ input-channel scale (feed x / in_scale), None for RTN
-    bits: int
-    block: int
-    k: int
-
-    def dequantize(self) -> np.ndarray:
-        """-> W_hat (K, N) such that x @ W_hat approximates x @ W (the input scale undone)."""
-        n, padded = self.q.shape
-        w = (self.q.astype(np.float32) - 2 ** (self.bits - 1)).reshape(n, -1, self.block) * self.scales[:, :, None]
-        w = w.reshape(n, padded)[:, : self.k].T  # (K, N)
-        return w / self.in_scale[:, None] if self.in_scale is not None else w
-
-    def packed(self) -> np.ndarray:
-        """MatMulNBits' B: (N, n_blocks, block * bits / 8) uint8, low nibble first for 4 bits."""
-        n = self.q.shape[0]
-        if self.bits == 8:
-            return self.q.reshape(n, -1, self.block)
-        return (self.q[:, 0::2] | (self.q[:, 1::2] << 4)).astype(np.uint8).reshape(n, -1, self.block // 2)
+def _config(bits: int, block: int, accuracy_level: int = 0) -> DefaultWeightOnlyQuantConfig:
+    return DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                        accuracy_level=accuracy_level or None)
 
 
-def _blocks(w: np.ndarray, block: int) -> np.ndarray:
-    """(K, N) -> (N, n_blocks, block), zero-padded along K."""
-    k, n = w.shape
-    padded = -(-k // block) * block
-    wt = np.zeros((n, padded), np.float32)
-    wt[:, :k] = w.T
-    return wt.reshape(n, -1, block)
+def rtn_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """W (K, N) rounded by ORT's own kernel exactly as MatMulNBitsQuantizer packs it, back in float:
+    MatMulNBits' B is (N, K_blocks, block * bits / 8) uint8, low nibble first, zero point 2^(bits-1)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)  # the C++ kernel reads the buffer row-major, views or not
+    packed, scales, _ = DefaultWeightOnlyQuantizer(_config(bits, block)).qbits_block_quant(w)
+    n = packed.shape[0]
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed.reshape(n, -1)
+    w_hat = (q.astype(np.float32) - 2 ** (bits - 1)).reshape(n, -1, block) * scales[:, :, None]  # (N, nb, B)
+    return w_hat.reshape(n, -1)[:, : w.shape[0]].T
 
 
-def _round(wb: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    qmax = 2 ** (bits - 1) - 1
-    return np.clip(np.round(wb / scale[..., None]), -qmax - 1, qmax)
-
-
-def _rtn_scale(wb: np.ndarray, bits: int, ratio: float = 1.0) -> np.ndarray:
-    scale = np.abs(wb).max(-1) * ratio / (2 ** (bits - 1) - 1)
-    return np.where(scale == 0, 1.0, scale).astype(np.float32)
-
-
-def _finish(wb: np.ndarray, scale: np.ndarray, bits: int, k: int, block: int, in_scale) -> QuantizedWeight:
-    q = (_round(wb, scale, bits) + 2 ** (bits - 1)).astype(np.uint8).reshape(wb.shape[0], -1)
-    return QuantizedWeight(q, scale.astype(np.float32), in_scale, bits, block, k)
-
-
-def quantize_rtn(w: np.ndarray, bits: int, block: int) -> QuantizedWeight:
-    wb = _blocks(w, block)
-    return _finish(wb, _rtn_scale(wb, bits), bits, w.shape[0], block, None)
-
-
-def output_error(x: np.ndarray, w: np.ndarray, qw: QuantizedWeight) -> float:
+def relative_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     """||x W - x W_hat||^2 / ||x W||^2 on calibration rows x (n, K)."""
-    return _relative_error(x, w, qw.dequantize(), float(((x @ w) ** 2).sum()))
+    return float(((x @ (w - w_hat)) ** 2).sum() / max(float(((x @ w) ** 2).sum()), 1e-30))
 
 
-def _relative_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray, ref_energy: float) -> float:
-    return float(((x @ (w - w_hat)) ** 2).sum() / max(ref_energy, 1e-30))  # one matmul: x (W - W_hat)
-
-
-def _dequantized_kn(wb: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """Blocks (N, nb, B) and their scales -> the rounded weight as (K, N)."""
-    return (_round(wb, scale, bits) * scale[..., None]).reshape(wb.shape[0], -1)[:, :k].T
-
-
-def quantize_awq(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> QuantizedWeight:
-    """Activation-aware scales: input channel c is multiplied by s_c = mean|x_c|^alpha before
-    rounding (and x divided by it), alpha chosen on the grid by the output error on `x`; alpha 0
-    is round-to-nearest, so the search never does worse than RTN on these rows."""
-    k = w.shape[0]
+def awq_scale(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> tuple[np.ndarray | None, float]:
+    """-> (input-channel scale s (K,) or None when RTN is best, its relative output error on `x`)."""
     mean_abs = np.abs(x).mean(0) + 1e-8  # (K,)
-    ref_energy = float(((x @ w) ** 2).sum())
-    best: tuple[float, np.ndarray | None] | None = None  # (error, in_scale or None for RTN)
-    for alpha in ALPHAS:
-        s = None
-        if alpha:
-            s = mean_abs ** alpha
-            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        wb = _blocks(w * s[:, None] if s is not None else w, block)
-        w_hat = _dequantized_kn(wb, _rtn_scale(wb, bits), bits, k)
-        err = _relative_error(x, w, w_hat / s[:, None] if s is not None else w_hat, ref_energy)
-        if best is None or err < best[0]:
+    best: tuple[float, np.ndarray | None] = (relative_error(x, w, rtn_dequantized(w, bits, block)), None)
+    for alpha in ALPHAS[1:]:
+        s = mean_abs ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        err = relative_error(x, w, rtn_dequantized(w * s[:, None], bits, block) / s[:, None])
+        if err < best[0]:
             best = (err, s)
-    assert best is not None
-    in_scale = best[1]
-    wb = _blocks(w * in_scale[:, None] if in_scale is not None else w, block)  # (N, nb, B)
-    return _finish(wb, _rtn_scale(wb, bits), bits, k, block, in_scale)
+    return best[1], best[0]
 
 
-def decoder_targets(model: onnx.ModelProto) -> list[WeightNode]:
-    """The decoder's weight MatMuls ((K, N) initializers: attention and MLP projections) and plain
-    Gemms with a weight initializer (a Phi-3's LM head over the last position). xGen-MM's LM head
-    reads its weight through a Slice (the decoupled vocabulary), so it stays dense."""
-    out = []
-    for t in weight_nodes(model, ("MatMul", "Gemm")):
-        if t.op == "Gemm":
-            node = model.graph.node[t.index]
-            attrs = {a.name: (a.i if a.type == onnx.AttributeProto.INT else a.f) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-                continue
-        out.append(t)
-    return out
+def gemms_to_matmuls(model: onnx.ModelProto) -> None:
+    """Rewrites each plain Gemm with a weight initializer (a Phi-3's LM head, xGen-MM's additional_fc)
+    as MatMul (+ Add of its bias), in place. Own code because ORT's weight-only quantizer takes
+    MatMul and Gather only."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        weight = f"{node.input[1]}_kn"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB") else w),
+                                                               weight))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        out = f"{node.output[0]}_nobias" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [out], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
-def weight_kn(model: onnx.ModelProto, target: WeightNode) -> np.ndarray:
-    """The target's weight as (K, N): x @ W."""
-    w = numpy_helper.to_array(initializers(model)[target.weight]).astype(np.float32)
-    return w.T if target.op == "Gemm" and target.out_axis == 0 else w
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMuls whose B is a 2-D float32 initializer (attention and MLP projections, rewritten heads).
+    xGen-MM's LM head reads its weight through a Slice (the decoupled vocabulary), so it stays dense."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and n.input[0] not in inits
+            and inits[n.input[1]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
 
 
-def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: list[dict[str, np.ndarray]],
+def collect_inputs(model: onnx.ModelProto, targets: list[onnx.NodeProto], feeds: list[dict[str, np.ndarray]],
                    seed: int = 0) -> dict[str, np.ndarray]:
     """The distinct rows (tokens) each target's input takes over the calibration feeds, at most
     MAX_ROWS each. Repeated rows are dropped first: every calibration prompt opens with the same
     system text, whose tokens (causal attention: same prefix, same activations) would otherwise
     fill most of the sample and outweigh the video and question tokens."""
     rows: dict[str, list[np.ndarray]] = {}
-    run_collect(model, sorted({t.activation for t in targets}), feeds,
+    run_collect(model, sorted({t.input[0] for t in targets}), feeds,
                 lambda name, x: rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).astype(np.float32)))
     rng = np.random.default_rng(seed)
     out = {}
@@ -166,204 +125,156 @@ def collect_inputs(model: onnx.ModelProto, targets: list[WeightNode], feeds: lis
     return out
 
 
-# Ops whose output 0 is multiplied by a per-channel weight (input index): where AWQ's input scale folds.
+class _Graph:
+    """Producers, reader counts and initializers of a model, for folding scales in place."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.readers: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
+
+    def scale(self, node: onnx.NodeProto, j: int, factor: np.ndarray, axis: int) -> None:
+        """Multiplies `node`'s initializer input j by `factor` along `axis` (broadcast). One that
+        other nodes also read (the exporter merges equal constants: every norm weight of a freshly
+        initialised model is ones) is copied for this node first, so the others keep their values."""
+        name = node.input[j]
+        values = numpy_helper.to_array(self.inits[name])
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        scaled = (values * factor.reshape(shape)).astype(values.dtype)
+        if self.readers[name] > 1:
+            self.readers[name] -= 1
+            name = node.input[j] = f"{name}_awq_{node.name}"
+            self.readers[name] = 1
+            self.model.graph.initializer.append(numpy_helper.from_array(scaled, name))
+            self.inits[name] = self.model.graph.initializer[-1]
+        else:
+            self.inits[name].CopyFrom(numpy_helper.from_array(scaled, name))
+
+
+# Ops whose output 0 is multiplied by a per-channel weight (input index; None: any): where 1/s folds.
 _SCALED_OUTPUT = {"Mul": None, "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
 
 
-def _fold_target(model: onnx.ModelProto, activation: str, consumers: dict[str, int]) -> tuple[onnx.NodeProto, int] | None:
-    """(node, input index) of the 1-D initializer that scales `activation` channel-wise (an RMSNorm
-    weight: of a Mul, or the scale of a fused (Skip)SimplifiedLayerNormalization) when `activation`
-    feeds only this MatMul."""
-    inits = initializers(model)
-    if consumers.get(activation, 0) != 1:
+def _norm_weight(g: _Graph, x: str) -> tuple[onnx.NodeProto, int] | None:
+    """(node, input index) of the 1-D initializer that scales `x` channel-wise (an RMSNorm weight)."""
+    node = g.producer.get(x)
+    if node is None or node.op_type not in _SCALED_OUTPUT or node.output[0] != x:
         return None
-    for node in model.graph.node:
-        if node.op_type not in _SCALED_OUTPUT or not node.output or node.output[0] != activation:
-            continue
-        index = _SCALED_OUTPUT[node.op_type]
-        for j, name in enumerate(node.input):
-            t = inits.get(name)
-            if (index is None or j == index) and t is not None and len(t.dims) == 1:
-                return node, j
+    for j, name in enumerate(node.input):
+        if _SCALED_OUTPUT[node.op_type] in (None, j) and name in g.inits and len(g.inits[name].dims) == 1:
+            return node, j
     return None
 
 
-def _fold(model: onnx.ModelProto, node: onnx.NodeProto, j: int, in_scale: np.ndarray, consumers: dict[str, int],
-          fresh: Namer) -> None:
-    """Divides `node`'s input initializer j by `in_scale`. An initializer other nodes also read (the
-    exporter merges equal constants: every norm weight of a freshly initialised model is ones) is
-    copied for this node first, so the others keep their values."""
-    name = node.input[j]
-    tensor = initializers(model)[name]
-    values = numpy_helper.to_array(tensor)
-    scaled = (values / in_scale).astype(values.dtype)
-    if consumers.get(name, 0) > 1:
-        consumers[name] -= 1
-        node.input[j] = fresh(f"{name}_awq")
-        add_initializer(model, node.input[j], scaled)
-        consumers[node.input[j]] = 1
-    else:
-        tensor.CopyFrom(numpy_helper.from_array(scaled, name))
-
-
-def to_matmul_nbits(model: onnx.ModelProto, quantized: dict[str, tuple[WeightNode, QuantizedWeight]],
-                    accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """A copy of `model` with each target MatMul replaced by MatMulNBits (+ its input scale, folded
-    into the preceding norm weight or producing MatMul's columns where possible)
-    -> (model, {"folded": into norms, "folded_into_matmul": into columns, "mul_nodes": Muls left})."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    fresh = Namer(out)
-    consumers: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    counts = {"folded": 0, "mul_nodes": 0}
-    nodes = []
-    for node in out.graph.node:
-        entry = quantized.get(node.name or "")
-        if node.op_type not in ("MatMul", "Gemm") or entry is None:
-            nodes.append(node)
-            continue
-        target, qw = entry
-        x = node.input[0]
-        k, n = qw.k, qw.q.shape[0]
-        bias = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else []
-        if qw.in_scale is not None:
-            fold = _fold_target(out, x, consumers)
-            if fold is not None:
-                _fold(out, *fold, qw.in_scale, consumers, fresh)
-                counts["folded"] += 1
-            else:
-                inv = add_initializer(out, fresh(f"{target.weight}_awq_inv"), (1.0 / qw.in_scale).astype(np.float32))
-                scaled = fresh(f"{x}_awq")
-                nodes.append(helper.make_node("Mul", [x, inv], [scaled], name=fresh(f"{node.name}_awq")))
-                x = scaled
-                counts["mul_nodes"] += 1
-        b = add_initializer(out, fresh(f"{target.weight}_q{qw.bits}"), qw.packed())
-        s = add_initializer(out, fresh(f"{target.weight}_scales"), qw.scales.reshape(-1))
-        inputs = [x, b, s, "", "", *bias] if bias else [x, b, s]  # MatMulNBits: A, B, scales, zero_points, g_idx, bias
-        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain="com.microsoft",
-                                      K=k, N=n, bits=qw.bits, block_size=qw.block, accuracy_level=accuracy_level))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    counts["folded_into_matmul"] = _fold_muls_into_producers(out)
-    counts["mul_nodes"] -= counts["folded_into_matmul"]
-    drop_unused_initializers(out)
-    ensure_opset(out, "com.microsoft", 1)
-    return out, counts
-
-
-# The decoder's activations are (B, S, N): a Split on axis 2 (or -1) picks output columns.
-_LAST_AXIS = (2, -1)
-
-
-def _int_attrs(node: onnx.NodeProto) -> dict[str, int]:
-    return {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-
-
-def _column_range(name: str, producer: dict[str, onnx.NodeProto], readers: dict[str, int],
-                  inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int, int] | None:
-    """(MatMulNBits, first column, width) when `name` is an output of a last-axis Split of that
-    MatMulNBits' output and is read by one node only; else None."""
-    node = producer.get(name)
-    if node is None or readers.get(name, 0) != 1 or node.op_type != "Split":
+def _weight_columns(g: _Graph, name: str) -> tuple[onnx.NodeProto, slice] | None:
+    """(weight MatMul, its output columns) when `name` is one output of a last-axis Split of that
+    MatMul's output (gate_up -> up) and only one node reads it."""
+    split = g.producer.get(name)
+    if split is None or split.op_type != "Split" or g.readers.get(name) != 1:
         return None
-    source = producer.get(node.input[0])
-    if source is None or source.op_type != "MatMulNBits":
+    source = g.producer.get(split.input[0])
+    attrs = {a.name: helper.get_attribute_value(a) for a in split.attribute}
+    if source is None or source.op_type != "MatMul" or source.input[1] not in g.inits:
         return None
-    n = _int_attrs(source)["N"]
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("axis", 0) not in _LAST_AXIS:
+    if attrs.get("axis", 0) not in (2, -1):  # the decoder's activations are (B, S, N): columns are the last axis
         return None
-    sizes_init = inits.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    sizes = ([int(v) for v in numpy_helper.to_array(sizes_init).reshape(-1)] if sizes_init is not None
-             else attrs.get("split"))
+    n = int(g.inits[source.input[1]].dims[1])
+    sizes = ([int(v) for v in numpy_helper.to_array(g.inits[split.input[1]]).reshape(-1)]
+             if len(split.input) > 1 and split.input[1] in g.inits else attrs.get("split"))
     if sizes is None:
-        parts = len(node.output)
+        parts = len(split.output)
         sizes = [-(-n // parts)] * (parts - 1) + [n - (parts - 1) * -(-n // parts)]  # ONNX Split's uneven rule
-    i = list(node.output).index(name)
-    return source, int(sum(sizes[:i])), int(sizes[i])
+    i = list(split.output).index(name)
+    return source, slice(sum(sizes[:i]), sum(sizes[:i + 1]))
 
 
-def _gqa_value_columns(gqa: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
-                       readers: dict[str, int]) -> tuple[onnx.NodeProto, int, int] | None:
-    """(MatMulNBits, first column, width) of V when a GroupQueryAttention with a KV head per query
-    head (so a channel of V is a channel of the output) reads packed qkv (B, S, (H + 2 Hkv) dh)
-    straight from one MatMulNBits that nothing else reads; V, the last Hkv * dh columns, is not
-    rotated."""
+def _value_columns(g: _Graph, gqa: onnx.NodeProto) -> tuple[onnx.NodeProto, slice] | None:
+    """(qkv MatMul, the V columns) when a GroupQueryAttention with a KV head per query head (so a
+    channel of V is a channel of its output) reads packed qkv (B, S, (H + 2 Hkv) dh) straight from
+    a weight MatMul nothing else reads; V, the last Hkv * dh columns, is not rotated. The KV cache
+    then holds V / s, which only this graph reads."""
     packed = len(gqa.input) < 3 or not (gqa.input[1] or gqa.input[2])
-    source = producer.get(gqa.input[0])
-    if not packed or source is None or source.op_type != "MatMulNBits" or readers.get(gqa.input[0], 0) != 1:
+    source = g.producer.get(gqa.input[0])
+    if not packed or source is None or source.op_type != "MatMul" or g.readers.get(gqa.input[0]) != 1:
         return None
-    attrs = _int_attrs(gqa)
-    n = _int_attrs(source)["N"]
+    if source.input[1] not in g.inits:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in gqa.attribute}
+    n = int(g.inits[source.input[1]].dims[1])
     heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
     if heads != kv_heads or n % (heads + 2 * kv_heads):
         return None
-    width = kv_heads * (n // (heads + 2 * kv_heads))
-    return source, n - width, width
+    return source, slice(n - kv_heads * (n // (heads + 2 * kv_heads)), n)
 
 
-def _fold_muls_into_producers(model: onnx.ModelProto) -> int:
-    """Removes AWQ input-scale Muls whose input is linear in one MatMul's output columns, by scaling
-    those columns' MatMulNBits block scales instead (exact: a column's rounded integers do not change
-    when the whole column is scaled). Two places in a Phi-3 layer:
-      o_proj    reads attention output = softmax(QK^T) V: the V columns of the qkv projection (when
-                every query head has its own KV head, so a channel of V is a channel of the output);
-      down_proj reads silu(gate) * up: the up columns of the gate_up projection.
-    The KV cache then holds V / s, which only this graph reads. -> the number of Muls removed."""
-    producer = {o: node for node in model.graph.node for o in node.output}
-    readers: dict[str, int] = {}
+def _fold(g: _Graph, target: onnx.NodeProto, s: np.ndarray, new_nodes: dict[str, onnx.NodeProto]) -> str:
+    """Feeds `target` x / s instead of x; -> where 1/s went: "norm", "columns" or "mul"."""
+    x = target.input[0]
+    if g.readers.get(x) == 1:
+        norm = _norm_weight(g, x)
+        if norm is not None:
+            g.scale(*norm, 1.0 / s, axis=0)
+            return "norm"
+        source = g.producer.get(x)
+        found: list[tuple[onnx.NodeProto, slice] | None] = []
+        if source is not None and source.op_type == "Mul":
+            found = [_weight_columns(g, name) for name in source.input]
+        elif source is not None and source.op_type == "GroupQueryAttention" and source.output[0] == x:
+            found = [_value_columns(g, source)]
+        for hit in found:
+            if hit is not None and hit[1].stop - hit[1].start == s.size:
+                matmul, cols = hit
+                factor = np.ones(int(g.inits[matmul.input[1]].dims[1]), np.float32)
+                factor[cols] = 1.0 / s
+                g.scale(matmul, 1, factor, axis=1)
+                return "columns"
+    inv = f"{target.input[1]}_awq_inv"
+    g.model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+    new_nodes[target.name] = helper.make_node("Mul", [x, inv], [f"{x}_awq_{target.name}"], name=f"{target.name}_awq")
+    target.input[0] = new_nodes[target.name].output[0]
+    return "mul"
+
+
+def apply_awq(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> dict[str, int]:
+    """In place: each named MatMul's weight rows times s, its input divided by s (folded where it
+    can be). -> {"folded": into norms, "folded_into_matmul": into columns, "mul_nodes": Muls added}."""
+    g = _Graph(model)
+    counts = {"norm": 0, "columns": 0, "mul": 0}
+    muls: dict[str, onnx.NodeProto] = {}
+    for node in list(model.graph.node):
+        if node.name in scales:
+            counts[_fold(g, node, scales[node.name], muls)] += 1
+            g.scale(node, 1, scales[node.name], axis=0)
+    nodes = []
     for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    inits = initializers(model)
-    removed = set()
-    for mul in list(model.graph.node):
-        if mul.op_type != "Mul" or not mul.name.endswith("_awq") or len(mul.input) != 2 or mul.input[1] not in inits:
-            continue
-        x = mul.input[0]
-        source = producer.get(x)
-        if source is None or readers.get(x, 0) != 1 or len(mul.output) != 1:
-            continue
-        inv = numpy_helper.to_array(inits[mul.input[1]]).astype(np.float32).reshape(-1)
-        candidates: list[tuple[onnx.NodeProto, int, int] | None] = []
-        if source.op_type == "Mul":
-            candidates = [_column_range(name, producer, readers, inits) for name in source.input]
-        elif source.op_type == "GroupQueryAttention" and source.output[0] == x:
-            candidates = [_gqa_value_columns(source, producer, readers)]
-        for found in candidates:
-            if found is None or found[2] != inv.size:
-                continue
-            matmul, start, width = found
-            scales_t = inits[matmul.input[2]]
-            scales = numpy_helper.to_array(scales_t).astype(np.float32)
-            view = scales.reshape(_int_attrs(matmul)["N"], -1)
-            view[start:start + width] *= inv[:, None]
-            scales_t.CopyFrom(numpy_helper.from_array(view.reshape(scales.shape), scales_t.name))
-            if len(matmul.input) > 5 and matmul.input[5]:  # bias
-                bias_t = inits[matmul.input[5]]
-                bias = numpy_helper.to_array(bias_t).astype(np.float32).copy()
-                bias[start:start + width] *= inv
-                bias_t.CopyFrom(numpy_helper.from_array(bias, bias_t.name))
-            for node in model.graph.node:
-                for j, name_in in enumerate(node.input):
-                    if name_in == mul.output[0]:
-                        node.input[j] = x
-            removed.add(id(mul))
-            break
-    keep = [node for node in model.graph.node if id(node) not in removed]
+        if node.name in muls:
+            nodes.append(muls[node.name])
+        nodes.append(node)
     del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return len(removed)
+    model.graph.node.extend(nodes)
+    return {"folded": counts["norm"], "folded_into_matmul": counts["columns"], "mul_nodes": counts["mul"]}
+
+
+def pack(model: onnx.ModelProto, names: list[str], bits: int, block: int, accuracy_level: int = 0) -> onnx.ModelProto:
+    """The MatMuls `names` -> MatMulNBits through ORT's MatMulNBitsQuantizer (its default RTN
+    algorithm, symmetric); other MatMuls stay float. `model` itself is modified."""
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(names)]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=_config(bits, block, accuracy_level))
+    with quiet_ort():
+        quantizer.process()
+    return quantizer.model.model
 
 
 def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: str = "int4",
                      method: str = "awq", block_size: int = 32, accuracy_level: int = 0,
-                     log=lambda _m: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """-> (the weight-only quantized decoder, report with each MatMul's calibration output error
-    for this method and for RTN)."""
+                     log: Callable[[str], None] = lambda _m: None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """-> (the weight-only quantized decoder, report with each MatMul's calibration output error for
+    this method and for RTN). `model` is not modified."""
     if scheme not in SCHEMES:
         raise InputError(f"unknown decoder scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if method not in METHODS:
@@ -371,25 +282,30 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     if block_size not in BLOCK_SIZES:
         raise InputError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
     bits = SCHEMES[scheme]
-    targets = decoder_targets(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    gemms_to_matmuls(work)
+    targets = weight_matmuls(work)
     if not targets:
         raise InputError("the decoder graph has no weight MatMuls to quantize")
-    inits = initializers(model)
-    if any(inits[t.weight].data_type != onnx.TensorProto.FLOAT for t in targets):
+    inits = {t.name: t for t in work.graph.initializer}
+    if any(inits[t.input[1]].data_type != onnx.TensorProto.FLOAT for t in targets):
         raise InputError("weight-only quantization starts from a float32 engine: export with --precision fp32")
     log(f"  {len(targets)} MatMuls; collecting their inputs on {len(feeds)} calibration prompts")
-    xs = collect_inputs(model, targets, feeds)
-    quantized, per_layer = {}, []
+    xs = collect_inputs(work, targets, feeds)
+    scales, per_layer = {}, []
     for t in targets:
-        w = weight_kn(model, t)
-        x = xs[t.activation]
-        rtn = quantize_rtn(w, bits, block_size)
-        qw = quantize_awq(w, x, bits, block_size) if method == "awq" else rtn
-        quantized[t.name] = (t, qw)
-        per_layer.append({"layer": t.name, "weight": t.weight, "shape": list(w.shape),
-                          "rtn_rel_error": output_error(x, w, rtn), f"{method}_rel_error": output_error(x, w, qw)})
+        w, x = numpy_helper.to_array(inits[t.input[1]]).astype(np.float32), xs[t.input[0]]
+        rtn = relative_error(x, w, rtn_dequantized(w, bits, block_size))
+        row = {"layer": t.name, "weight": t.input[1], "shape": list(w.shape), "rtn_rel_error": rtn}
+        if method == "awq":
+            s, row["awq_rel_error"] = awq_scale(w, x, bits, block_size)
+            if s is not None:
+                scales[t.name] = s
+        per_layer.append(row)
         log(f"    [{len(per_layer)}/{len(targets)}] {t.name} {w.shape[0]}x{w.shape[1]}: relative output error "
-            f"rtn {per_layer[-1]['rtn_rel_error']:.2e}, {method} {per_layer[-1][f'{method}_rel_error']:.2e}")
-    qmodel, counts = to_matmul_nbits(model, quantized, accuracy_level)
-    return qmodel, {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
-                    "layers": len(targets), "per_layer": per_layer, **counts}
+            f"rtn {rtn:.2e}, {method} {row[f'{method}_rel_error']:.2e}")
+    counts = apply_awq(work, scales)
+    report = {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
+              "layers": len(targets), "per_layer": per_layer, **counts}
+    return pack(work, [t.name for t in targets], bits, block_size, accuracy_level), report

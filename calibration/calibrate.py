@@ -145,10 +145,10 @@ def graph_timing(before: Path, after: onnx.ModelProto, feeds: list[dict[str, np.
 def _answers(engine: Path, data: Path) -> dict[str, Any]:
     from blip3v.data.evaluate import evaluate
     from blip3v.runtime.ort_backend import OrtBackend
-
     from blip3v.runtime.session import Engine
 
-    return evaluate(Engine(OrtBackend.load(engine)), data, batch_size=16, progress=False)
+    # the next clips decode beside the engine (evaluate's prefetch): its threads must not spin
+    return evaluate(Engine(OrtBackend.load(engine, spinning=False)), data, batch_size=16, progress=False)
 
 
 def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:

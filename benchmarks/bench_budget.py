@@ -48,8 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from blip3v.benchmarks.common import Log, PeakRSS, device, log_stderr, stats, versions
+from blip3v.benchmarks.common import (Log, PeakRSS, device, log_stderr, memory_lines, over_memory, peak_memory, stats,
+                                      versions)
 from blip3v.errors import InputError
+from blip3v.progress import PartBar, StepBar, null_bar
 
 SECTION = "## Latency per token budget"
 BUDGETS = ("16", "32", "64", "128", "none", "raw")
@@ -98,6 +100,18 @@ class BudgetOptions:
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+def model_config(opts: BudgetOptions):
+    """The config of the model `load_model` will make, read without its weights."""
+    from blip3v.assets import DEMO_MODEL
+    from blip3v.model.config import XGenMMConfig, preset
+
+    if opts.model == "real":
+        cfg = preset("xgen-mm-vid-128")
+        cfg.text_config["num_hidden_layers"] = opts.layers
+        return cfg
+    return XGenMMConfig.load(DEMO_MODEL if opts.model == "demo" else Path(opts.model))
 
 
 def load_model(opts: BudgetOptions, log: Log):
@@ -310,11 +324,15 @@ class OrtPipeline:
     so its prefill/decode run on the first engine's decoder from the reference's SigLIP tokens and its
     visual stage is left out (marked in `notes`)."""
 
-    def __init__(self, model, tokenizer, opts: BudgetOptions, needed_context: int, workdir: Path, log: Log):
+    def __init__(self, model, tokenizer, opts: BudgetOptions, needed_context: int, workdir: Path, log: Log,
+                 bar: PartBar | None = None):
         import torch
 
-        from blip3v.export.engine import export_engine
+        from blip3v.export.engine import EXPORT_STEPS, export_engine
         from blip3v.runtime.ort_backend import OrtBackend
+
+        steps = {f"engine M={b}": 1.0 for b in opts.budgets if b != "raw"} | {"raw tokens": 0.05}
+        bar = bar or null_bar(steps)  # a step per engine (its export's steps inside), then raw's tokens
 
         self.opts = opts
         raise_context(model, needed_context)
@@ -332,7 +350,8 @@ class OrtPipeline:
                 else dataclasses.replace(base, type=temporal.kind, num_tokens=int(b)))
             t0 = time.perf_counter()
             out = workdir / f"engine-{b}"
-            export_engine(variant, tokenizer, out, precision=opts.precision, max_context=needed_context)
+            with bar.part(f"engine M={b}", EXPORT_STEPS) as part:
+                export_engine(variant, tokenizer, out, precision=opts.precision, max_context=needed_context, bar=part)
             log(f"  engine for budget {b} exported and checked in {time.perf_counter() - t0:.0f} s")
             self.engines[b] = OrtBackend.load(out, device=opts.device)
             del variant
@@ -340,7 +359,7 @@ class OrtPipeline:
         if "raw" in opts.budgets:
             if not self.engines:
                 raise InputError("the onnxruntime backend times raw on a budget's decoder: add another budget")
-            with torch.inference_mode():
+            with torch.inference_mode(), bar.step("raw tokens"):
                 cfg = model.config
                 frames = torch.zeros(cfg.num_frames, 3, cfg.image_size, cfg.image_size)
                 feats = model.vlm.vision_encoder(pixel_values=frames).last_hidden_state.flatten(0, 1)[None]
@@ -378,24 +397,127 @@ class OrtPipeline:
         return stages
 
 
+# ----------------------------------------------------------------------------- memory and progress
+
+GIB = 2**30
+BASE_BYTES = 0.9 * GIB  # the interpreter with torch, transformers and ONNX Runtime, before any model
+EXPORT_FACTOR = 0.8  # torch.onnx's export holds about 0.8x the weights beside the model (bench_decode)
+
+
+def meta_model(cfg):
+    """The model on the meta device: its parameter count without allocating its weights."""
+    import torch
+
+    from blip3v.model.xgenmm import XGenMMVideoModel
+
+    with torch.device("meta"):
+        return XGenMMVideoModel(cfg)
+
+
+def expected_memory(cfg, opts: BudgetOptions) -> dict[str, float]:
+    """The expected peak resident memory (GiB) of a run, from the parameter count and the longest
+    prompt (the raw budget's): -> {"weights", "activations", "peak", ...}. Rough, stated up front; the
+    measured peak is reported at the end. onnxruntime keeps one engine per budget loaded (each about
+    the model's size) and exports each from a copy of the model."""
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}[opts.precision]
+    params = sum(p.numel() for p in meta_model(cfg).parameters())
+    weights = params * width
+    lm = cfg.text_config
+    d, i = int(lm["hidden_size"]), int(lm["intermediate_size"])
+    heads = int(lm["num_attention_heads"])
+    kv_heads = int(lm.get("num_key_value_heads") or heads)
+    layers = int(lm["num_hidden_layers"])
+    longest = max(budget_tokens(cfg, b) for b in opts.budgets) + 64 + opts.new_tokens  # + the prompt's text
+    # one layer's hidden states and MLP activations (x2: input and output live), the causal mask,
+    # and the K/V of every layer, float32 on the CPU
+    activations = (longest * (3 * d + 2 * i) * 4 * 2 + longest**2 * 4 * 2
+                   + 2 * layers * kv_heads * longest * (d // heads) * 4)
+    # the vision tower over T frames of N_in tokens: a few hidden-state copies and one layer's
+    # attention scores (SigLIP's heads are 72 wide)
+    t, n_in, vis = cfg.num_frames, cfg.tokens_per_frame_in, cfg.vision_tokenizer_config.vis_feature_dim
+    activations += t * n_in * vis * 4 * 8 + t * max(vis // 72, 1) * n_in**2 * 4
+    out = {"weights": weights / GIB, "activations": activations / GIB}
+    if opts.backend == "onnxruntime":
+        engines = sum(b != "raw" for b in opts.budgets)
+        out["engines"] = engines * params * width / GIB
+        out["export"] = (BASE_BYTES + 2 * 4 * params + EXPORT_FACTOR * 4 * params) / GIB + out["engines"]
+        out["runs"] = BASE_BYTES / GIB + out["weights"] + out["engines"] + out["activations"]
+    else:
+        out["runs"] = BASE_BYTES / GIB + out["weights"] + out["activations"]
+    out["peak"] = max(out.get("export", 0.0), out["runs"])
+    return out
+
+
+def memory_line(memory: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "peak")
+    return (f"expected peak memory {memory['peak']:.2f} GiB (estimated from the parameter count: {parts} GiB); "
+            "the measured peak is reported at the end")
+
+
+def setup_steps(opts: BudgetOptions, params: int) -> dict[str, float]:
+    """Steps of a run and their expected seconds on the dev box's CPU, for one progress bar: only
+    their ratios matter to its ETA."""
+    from blip3v.export.engine import EXPORT_STEPS
+
+    billions = params / 1e9
+    steps = {"model": 2 + 30 * billions, "set-up": 2 + 5 * billions}
+    if opts.backend == "onnxruntime":
+        engines = sum(b != "raw" for b in opts.budgets)
+        steps["set-up"] = engines * (sum(EXPORT_STEPS.values()) + 60 * billions)
+    steps["runs"] = (opts.warmup + opts.repeats) * len(opts.budgets) * (0.5 + 60 * billions / opts.threads)
+    return steps
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
 def run_budget(opts: BudgetOptions, log: Log = log_stderr, progress: bool = True) -> dict[str, Any]:
-    import torch
-
+    """Every budget's stages, timed; `progress`: one bar with an ETA on stderr (the start-up's
+    imports included), `log`'s lines above it. The expected peak memory is logged before the model
+    is made and the measured one is in `memory`."""
     from blip3v.assets import SAMPLE_CLIP
 
     opts.check()
+    video = str(opts.video or SAMPLE_CLIP)
+    if not Path(video).is_file():
+        raise InputError(f"{video}: video file not found")
+    with StepBar({"start-up": 10.0}, desc="bench budget", enabled=progress) as bar:  # seconds, as setup_steps
+        if progress:
+            log = bar.write  # step lines above the bar
+        with bar.step("start-up"):  # torch's and transformers' imports: seconds to tens of seconds
+            cfg, params, memory = _start(opts, log)
+        bar.add(setup_steps(opts, params))
+        result = _run(opts, bar, log, video)
+    result["memory"] = {"expected_gib": memory, **peak_memory()}
+    return result
+
+
+def _start(opts: BudgetOptions, log: Log) -> tuple[Any, int, dict[str, float]]:
+    """-> (the model's config, its parameter count, the expected memory, logged)."""
+    import torch
+
     torch.set_num_threads(opts.threads)
     if opts.device == "cuda":  # compiled kernels kept on disk between runs (blip3v.runtime.warmup)
         from blip3v.runtime.warmup import configure_compile_caches
 
         configure_compile_caches()
-    video = str(opts.video or SAMPLE_CLIP)
-    if not Path(video).is_file():
-        raise InputError(f"{video}: video file not found")
-    model, tokenizer, description = load_model(opts, log)
+    if opts.model not in ("demo", "real") and not Path(opts.model).is_dir():
+        load_model(opts, log)  # raises the checkpoint's one-line error
+    cfg = model_config(opts)
+    memory = expected_memory(cfg, opts)  # stated before the weights are made or read
+    log(memory_line(memory))
+    warning = over_memory(memory["peak"])  # a small machine can stop here
+    if warning:
+        log(warning)
+    return cfg, sum(p.numel() for p in meta_model(cfg).parameters()), memory
+
+
+def _run(opts: BudgetOptions, bar: StepBar, log: Log, video: str) -> dict[str, Any]:
+    """run_budget's body: the model, its pipeline, the runs, the rows (each step on `bar`)."""
+    import torch
+
+    with bar.step("model"):
+        model, tokenizer, description = load_model(opts, log)
     cfg = model.config
     from blip3v.model.tokenizer import encode_prompt
 
@@ -404,9 +526,13 @@ def run_budget(opts: BudgetOptions, log: Log = log_stderr, progress: bool = True
     needed = prompt_len + max(tokens.values()) + opts.new_tokens
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         if opts.backend == "torch":
-            pipe: Any = TorchPipeline(model, tokenizer, opts, needed)
+            with bar.step("set-up"):
+                pipe: Any = TorchPipeline(model, tokenizer, opts, needed)
         else:
-            pipe = OrtPipeline(model, tokenizer, opts, needed, Path(tmp), log)
+            engines = [b for b in opts.budgets if b != "raw"]
+            shares = {f"engine M={b}": 1.0 for b in engines} | ({"raw tokens": 0.05} if "raw" in opts.budgets else {})
+            with bar.part("set-up", shares) as part:
+                pipe = OrtPipeline(model, tokenizer, opts, needed, Path(tmp), log, part)
         del model
         runs: dict[str, list[Run]] = {b: [] for b in opts.budgets}
         first: dict[str, float] = {}  # e2e ms of the first (untimed) run per budget: compilation, capture
@@ -414,31 +540,28 @@ def run_budget(opts: BudgetOptions, log: Log = log_stderr, progress: bool = True
         shared_peak = 0
         cuda = opts.device == "cuda"
         total = opts.warmup + opts.repeats
-        from tqdm import tqdm
-
-        bar = tqdm(total=total * len(opts.budgets), desc="bench budget", unit="run", disable=not progress)
-        for r in range(total):
-            timed = r >= opts.warmup
-            with PeakRSS() as rss:
-                shared_stages, shared = pipe.shared(video)
-            shared_peak = max(shared_peak, rss.peak)
-            for b in opts.budgets:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
+        with bar.step("runs", total=total * len(opts.budgets)) as advance:
+            for r in range(total):
+                timed = r >= opts.warmup
                 with PeakRSS() as rss:
-                    own = pipe.budget(b, shared)
-                peaks[b] = max(peaks[b], rss.peak)
-                # raw feeds the SigLIP tokens on: the shared resampler run is not part of its request
-                used = {k: v for k, v in shared_stages.items() if not (b == "raw" and k == "resampler")}
-                if not timed and r == 0:
-                    first[b] = Run({**used, **own}).e2e
-                if timed:
-                    runs[b].append(Run({**used, **own}))
+                    shared_stages, shared = pipe.shared(video)
+                shared_peak = max(shared_peak, rss.peak)
+                for b in opts.budgets:
                     if cuda:
-                        peaks[f"{b}/gpu"] = max(peaks.get(f"{b}/gpu", 0), torch.cuda.max_memory_allocated())
-                bar.set_postfix_str(f"{'repeat' if timed else 'warm-up'} {r + 1 - (opts.warmup if timed else 0)}, M={b}")
-                bar.update(1)
-        bar.close()
+                        torch.cuda.reset_peak_memory_stats()
+                    with PeakRSS() as rss:
+                        own = pipe.budget(b, shared)
+                    peaks[b] = max(peaks[b], rss.peak)
+                    # raw feeds the SigLIP tokens on: the shared resampler run is not part of its request
+                    used = {k: v for k, v in shared_stages.items() if not (b == "raw" and k == "resampler")}
+                    if not timed and r == 0:
+                        first[b] = Run({**used, **own}).e2e
+                    if timed:
+                        runs[b].append(Run({**used, **own}))
+                        if cuda:
+                            peaks[f"{b}/gpu"] = max(peaks.get(f"{b}/gpu", 0), torch.cuda.max_memory_allocated())
+                    bar.note(f"{'repeat' if timed else 'warm-up'} {r + 1 - (opts.warmup if timed else 0)}, M={b}")
+                    advance(1)
         rows = []
         for b in opts.budgets:
             stage_names = list(runs[b][0].stages)
@@ -545,6 +668,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"TFLOP, compute floor {v['floor_ms']:.2f} ms at the {v['ceilings']['matmul_fp16_tflop_per_s']:.0f} "
                      f"TFLOP/s fp16 matmul measured here")
     lines += [f"note: {n}" for n in result["notes"]]
+    if "memory" in result:
+        lines += memory_lines(result["memory"])
     return lines
 
 

@@ -25,7 +25,17 @@ TTFT = from the prompt's ids to the first new id (prefill + its sampling, includ
 own set-up per request: KV allocation, embedding lookup); decode ms/token = the mean interval
 between the following N - 1 ids. One warm-up request per system is excluded; the R timed
 repeats are interleaved across systems (so background load hits all alike; the order reverses
-every other repeat) and reported as median and min/max over repeats. Speed-up = peer time /
+every other repeat) and reported as median and min/max over repeats.
+
+Memory: each dense (fp32/fp16) ONNX model is about as large as the PyTorch model (4 layers of
+Phi-3-mini: 2.6 GB), so holding them all at once (two attention variants, the builder's model,
+the PyTorch model, the quantizer's copies) took 16-18 GB. Now one ONNX model is open at a time: the
+timing runs in phases (`phases`), one per ONNX model, each interleaving it with the PyTorch
+systems, which stay open and are therefore timed in every phase; the graphs are exported first and
+their sessions opened only in their phase; the PyTorch model is put away (read back from the HF
+directory) while INT4 is quantized and the builder runs. The expected peak, from the
+parameter count (`expected_memory`), is logged before the model is built; the measured peak (max
+RSS) is in the result's `memory`. Speed-up = peer time /
 blip3v time (> 1: blip3v is faster). blip3v's CPU sessions put their weights on huge pages as the
 runtime does (blip3v.runtime.hugepages; the table says how many MiB).
 
@@ -73,7 +83,9 @@ from typing import Any
 
 import numpy as np
 
-from blip3v.benchmarks.common import Log, device, log_stderr, stats, versions, write_section
+from blip3v.benchmarks.common import (Log, device, log_stderr, memory_lines, over_memory, peak_memory,
+                                      release_memory, stats, versions, write_section)
+from blip3v.progress import StepBar
 
 SECTION = "## Decode speed (ONNX Runtime backend vs peers)"
 SECTION_GPU = "## Decode speed on a GPU (PyTorch fast path vs transformers)"
@@ -336,6 +348,19 @@ class System:
     label: str = ""  # short unique name in the ratios (default: name)
     first: Request | None = None  # the warm-up request: compilation, capture, allocation (untimed)
     facts: dict[str, Any] = field(default_factory=dict)  # what the system reported about itself
+    # An ONNX model (session, or the builder's model) is opened only for its own timing phase (`phases`):
+    # `opener` builds the loaded System whose `run` (and huge-page figure) this one takes; `run` is
+    # None while it is closed.
+    opener: Callable[[], "System"] | None = None
+
+    def open(self) -> None:
+        if self.run is None and self.opener is not None:
+            loaded = self.opener()
+            self.run, self.huge_pages_mib = loaded.run, loaded.huge_pages_mib
+
+    def close(self) -> None:
+        if self.opener is not None:
+            self.run = None  # drops the session (the run closure holds the only reference)
 
 
 def transformers_system(model, attn: str, precision: str, cache: str = "dynamic", role: str = "peer") -> System:
@@ -410,7 +435,11 @@ def blip3v_system(backend, variant: str, precision: str, name: str = "blip3v", r
                   role=role, label=label)
 
 
-def genai_system(model_dir: Path, precision: str = "fp32") -> System:
+def genai_system(model_dir: Path, precision: str = "fp32", lazy: bool = False) -> System:
+    """The builder's model through og.Generator; `lazy`: loaded only for its timing phase (`phases`)."""
+    if lazy:
+        return System("onnxruntime-genai", "builder model, og.Generator", precision, None, role="peer",
+                      opener=lambda: genai_system(model_dir, precision))
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
@@ -436,37 +465,70 @@ def genai_system(model_dir: Path, precision: str = "fp32") -> System:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats: int, log: Log) -> list[str]:
-    """One untimed warm-up request per system (kept in `first`: what the first request of a process
-    costs, compilation and graph capture included), then `repeats` timed ones, interleaved. The
-    warm-up has the timed requests' shapes: a compiled step is specialised on the cache length,
-    so a shorter warm-up would leave a recompilation inside the first timed request. A peer that
-    fails its first request (a compiler error on that machine, say) is taken out of `systems`
-    rather than ending the run: -> one note per peer taken out. blip3v's own rows must run."""
+def phases(systems: list[System]) -> list[list[System]]:
+    """The timing phases: one per system with an `opener` (an ONNX model: a dense one is about as
+    large as the PyTorch model), each holding that one beside every always-open system (the PyTorch
+    ones, which share the model's weights), in plan order. Without such systems, one phase of all.
+    Holding one ONNX model at a time bounds the run's memory (4 layers of Phi-3-mini: 2.6 GB a
+    dense copy) at the price of timing the always-open systems once per phase, each phase
+    interleaved on its own."""
+    switched = [s for s in systems if s.opener is not None]
+    if not switched:
+        return [list(systems)]
+    return [[s for s in systems if s.opener is None or s is d] for d in switched]
+
+
+def planned_requests(systems: list[System], repeats: int) -> int:
+    """Requests `measure` makes (warm-ups included): for the progress bar."""
+    return len(systems) + sum(len(p) for p in phases(systems)) * repeats
+
+
+def measure(systems: list[System], prompt: np.ndarray, new_tokens: int, repeats: int, log: Log,
+            advance: Callable[[float], None] = lambda _n=1: None) -> list[str]:
+    """Per phase (`phases`): one untimed warm-up request per system not yet warmed up (kept in
+    `first`: what the first request of a process costs, compilation and graph capture included),
+    then `repeats` timed ones, interleaved. The warm-up has the timed requests' shapes: a compiled
+    step is specialised on the cache length, so a shorter warm-up would leave a recompilation inside
+    the first timed request. A peer that fails its first request (a compiler error on that machine,
+    say) is taken out of `systems` rather than ending the run: -> one note per peer taken out.
+    blip3v's own rows must run. `advance(1)` after every request."""
     dropped = []
-    for s in list(systems):
-        try:
-            s.first = s.run(prompt, new_tokens)
-        except Exception as exc:  # noqa: BLE001 (any failure of someone else's stack: reported, not fatal)
-            if s.role == "blip3v":
-                raise
-            systems.remove(s)
-            dropped.append(f"{s.label or s.name} ({s.precision}) failed its first request and is left out: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-            log(f"note: {dropped[-1]}")
-            continue
-        log(f"  first request  {s.name:<18} {s.variant[:34]:<34} {s.first.wall_ms / 1e3:8.2f} s")
-    for r in range(repeats):
-        # Interleaved, so background load hits every system alike, and in reverse order every other
-        # repeat, so no system always runs straight after the same neighbour (or always first).
-        for s in (systems if r % 2 == 0 else systems[::-1]):
-            time.sleep(PAUSE_S)
-            req = s.run(prompt, new_tokens)
-            if len(req.marks) != new_tokens:
-                raise RuntimeError(f"{s.name} ({s.variant}) produced {len(req.marks)} ids, not {new_tokens}")
-            s.requests.append(req)
-            log(f"  repeat {r + 1}/{repeats} {s.name:<18} {s.variant[:34]:<34} TTFT {req.ttft_ms:8.1f} ms  "
-                f"decode {req.decode_ms:7.2f} ms/token")
+    for phase in phases(systems):
+        for s in phase:
+            s.open()
+        for s in list(phase):
+            if s.first is not None:
+                continue
+            try:
+                s.first = s.run(prompt, new_tokens)
+            except Exception as exc:  # noqa: BLE001 (any failure of someone else's stack: reported, not fatal)
+                if s.role == "blip3v":
+                    raise
+                systems.remove(s)
+                phase.remove(s)
+                s.close()
+                dropped.append(f"{s.label or s.name} ({s.precision}) failed its first request and is left out: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                log(f"note: {dropped[-1]}")
+                continue
+            finally:
+                advance(1)
+            log(f"  first request  {s.name:<18} {s.variant[:34]:<34} {s.first.wall_ms / 1e3:8.2f} s")
+        for r in range(repeats):
+            # Interleaved, so background load hits every system alike, and in reverse order every other
+            # repeat, so no system always runs straight after the same neighbour (or always first).
+            for s in (phase if r % 2 == 0 else phase[::-1]):
+                time.sleep(PAUSE_S)
+                req = s.run(prompt, new_tokens)
+                if len(req.marks) != new_tokens:
+                    raise RuntimeError(f"{s.name} ({s.variant}) produced {len(req.marks)} ids, not {new_tokens}")
+                s.requests.append(req)
+                advance(1)
+                log(f"  repeat {r + 1}/{repeats} {s.name:<18} {s.variant[:34]:<34} TTFT {req.ttft_ms:8.1f} ms  "
+                    f"decode {req.decode_ms:7.2f} ms/token")
+        for s in phase:
+            s.close()
+        release_memory()
     return dropped
 
 
@@ -768,6 +830,8 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
     if result["export_check"]:
         lines += ["Export check of the blip3v graphs against float32 PyTorch (prefill + 4 cached steps): "
                   + ", ".join(f"{k} max abs diff {x:.1e}" for k, x in result["export_check"].items()) + ".", ""]
+    if "memory" in result:
+        lines += [f"Memory: {memory_lines(result['memory'])[0]}.", ""]
     lines.append("Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".")
     if result.get("profile") and "floors" in result:
         lines += torch_profile_lines(result["profile"])
@@ -797,12 +861,10 @@ def markdown(result: dict[str, Any], command: str, heading: str = SECTION) -> st
 # ----------------------------------------------------------------------------- main
 
 
-def load_lm(directory: Path, log: Log):
-    """An HF Phi-3 directory -> Phi3ForCausalLM, float32, eval mode; one-line errors for what it is not."""
+def read_lm_config(directory: Path) -> dict[str, Any]:
+    """An HF Phi-3 directory's config.json; one-line errors for what it is not."""
     from blip3v.errors import InputError
-    from transformers import Phi3ForCausalLM
 
-    directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise InputError(f"{directory}: not a Hugging Face model directory (no config.json)")
     try:
@@ -811,6 +873,16 @@ def load_lm(directory: Path, log: Log):
         raise InputError(f"{directory / 'config.json'}: not valid JSON ({exc})") from None
     if conf.get("model_type") != "phi3":
         raise InputError(f"{directory}: model_type {conf.get('model_type')!r}, this benchmark runs Phi-3 ('phi3')")
+    return conf
+
+
+def load_lm(directory: Path, log: Log):
+    """An HF Phi-3 directory -> Phi3ForCausalLM, float32, eval mode; one-line errors for what it is not."""
+    from blip3v.errors import InputError
+    from transformers import Phi3ForCausalLM
+
+    directory = Path(directory)
+    read_lm_config(directory)
     t0 = time.perf_counter()
     try:
         model = Phi3ForCausalLM.from_pretrained(str(directory), dtype="float32").eval()
@@ -840,14 +912,116 @@ def _ort_providers(device_name: str) -> list[str]:
     return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
 
 
-def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- memory and progress
+
+GIB = 2**30
+# Measured on the dev box (4 layers of Phi-3-mini, W = 2.6 GB of float32 weights): the interpreter
+# with torch, transformers and ONNX Runtime loaded holds ~0.9 GB before any model; torch.onnx's
+# export holds ~0.8 W beside the model; the INT4 quantizer (blip3v.calibration, 2026-12-05) ~4.2 W
+# while it collects the MatMul inputs (the fp32 graph as a proto, two copies of it and an ORT
+# session on it); an ORT session holds about its file's size.
+BASE_BYTES = 0.9 * GIB
+EXPORT_FACTOR = 0.8
+QUANTIZE_FACTOR = 4.2
+INT4_FRACTION = 0.23  # INT4 graph / fp32 graph (block 32: 4-bit weights + a scale per 32)
+
+
+def parameter_count(sizes: dict[str, Any]) -> int:
+    """Phi-3's parameters from its config: embeddings, lm_head, the layers (fused qkv and gate/up)."""
+    d, v, i = int(sizes["hidden_size"]), int(sizes["vocab_size"]), int(sizes["intermediate_size"])
+    h = int(sizes["num_attention_heads"])
+    kv = int(sizes.get("num_key_value_heads") or h)
+    hd = int(sizes.get("head_dim") or d // h)
+    layer = d * (h + 2 * kv) * hd + h * hd * d + d * 2 * i + i * d + 2 * d
+    return 2 * v * d + int(sizes["num_hidden_layers"]) * layer + d
+
+
+def onnx_row(row: Planned) -> bool:
+    """A row holding an ONNX model of its own (opened only for its own timing phase)."""
+    return row.kind in ("blip3v-ort", "ort-cuda", "genai")
+
+
+def expected_memory(sizes: dict[str, Any], plan: list[Planned], attentions: Sequence[str], context: int,
+                    released: bool) -> dict[str, float]:
+    """The run's expected peak resident memory (GiB), per stage, from the parameter count (see the
+    factors above): -> {stage: GiB, ..., "peak": the largest}. A rough bound, stated before the
+    heavy work so a small machine can stop early; the measured peak comes at the end."""
+    w32 = 4 * parameter_count(sizes)
+    table = 4 * int(sizes["vocab_size"]) * int(sizes["hidden_size"])  # the embedding rows, one copy
+    width = {"fp32": 4, "fp16": 2}
+    kinds = {(r.kind, r.precision) for r in plan}
+    dense = sorted({r.precision for r in plan if r.precision != "int4"}, key=lambda p: -width[p])
+    torch_rows = [p for p in dense if any(k in kinds for k in (("transformers-eager", p), ("blip3v-torch", p)))]
+    ort = [r.precision for r in plan if r.kind in ("blip3v-ort", "ort-cuda") and r.precision != "int4"]
+    out: dict[str, float] = {}
+    if ort:
+        biggest = max(width[p] for p in ort) / 4 * w32
+        out["export"] = BASE_BYTES + w32 + table + (0 if biggest == w32 else biggest) + EXPORT_FACTOR * biggest
+    if any(r.precision == "int4" and r.kind in ("blip3v-ort", "ort-cuda") for r in plan):
+        out["int4 quantization"] = BASE_BYTES + table + QUANTIZE_FACTOR * w32 + (0 if released else w32)
+    kv_heads = int(sizes.get("num_key_value_heads") or sizes["num_attention_heads"])
+    kv = 2 * int(sizes["num_hidden_layers"]) * kv_heads * context * (
+        int(sizes["hidden_size"]) // int(sizes["num_attention_heads"])) * 4  # one request's K/V, float32
+    held = sum(width[p] / 4 * w32 for p in torch_rows) + (w32 if "fp32" not in torch_rows and torch_rows else 0)
+    sizes_onnx = [INT4_FRACTION * w32 if r.precision == "int4" else width[r.precision] / 4 * w32
+                  for r in plan if onnx_row(r)]
+    held += max(sizes_onnx, default=0)  # one ONNX model open at a time
+    out["timing"] = BASE_BYTES + held + table * (1 + len(set(ort))) + kv * len(plan)
+    out = {k: v / GIB for k, v in out.items()}
+    out["peak"] = max(out.values())
+    return out
+
+
+def memory_line(memory: dict[str, float]) -> str:
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in memory.items() if k != "peak")
+    return (f"expected peak memory {memory['peak']:.1f} GiB (estimated from the parameter count: {stages} GiB); "
+            "the measured peak is reported at the end")
+
+
+def setup_steps(sizes: dict[str, Any], args: argparse.Namespace, plan: list[Planned], ort_dense: list[str],
+                int4: bool, genai_precisions: list[str], release: bool) -> dict[str, float]:
+    """The run's steps and their expected seconds on the dev box (scaled by the parameter count and
+    the request shape) for the progress bar: only their ratios matter to its ETA."""
+    b = parameter_count(sizes) / 1e9  # billions of parameters: every step's time grows with it
+    steps = {"model": 1 + 25 * b}
+    for p in ort_dense:
+        steps[f"export {p}"] = (8 + 60 * b) * len(args.attention)  # tracing costs seconds at any size
+    if int4 and "fp32" not in ort_dense:
+        steps["export gqa fp32"] = 8 + 60 * b
+    if int4:
+        steps["quantize int4"] = 2 + 500 * b
+    for p in genai_precisions:
+        steps[f"build genai {p}"] = 10 + 60 * b
+    if release:
+        steps["reload"] = 1 + 10 * b
+    steps["systems"] = 0.5 + 5 * b
+    switched = sum(onnx_row(r) for r in plan)
+    kept = len(plan) - switched
+    requests = len(plan) + args.repeats * (switched * (kept + 1) if switched else len(plan))
+    steps["timing"] = max(requests, 1) * (0.05 + b * (0.012 * args.prompt_tokens + 0.14 * args.new_tokens))
+    return {k: max(v, 1e-3) for k, v in steps.items()}
+
+
+def run_benchmark(args: argparse.Namespace, log: Log = log_stderr, progress: bool = False) -> dict[str, Any]:
     """Times every system on the Phi-3 in `args.lm` (an HF directory), or on a random one of
     `args.size` / `args.layers` written to a temporary folder when `args.lm` is None. Which
-    systems: `select_rows` (what is left out and why goes to `notes`)."""
+    systems: `select_rows` (what is left out and why goes to `notes`). The expected peak memory is
+    logged before the heavy work (`expected_memory`) and the measured one is in `memory`;
+    `progress`: one bar with an ETA over the steps on stderr, `log`'s lines above it."""
+    bar = StepBar({"start-up": 10.0}, desc="bench decode", enabled=progress)  # seconds, as setup_steps
+    try:
+        return _run_benchmark(args, bar.write if progress else log, bar)
+    finally:
+        bar.close()
+
+
+def _run_benchmark(args: argparse.Namespace, log: Log, bar: StepBar) -> dict[str, Any]:
+    """run_benchmark's body, each step on `bar` (its first step, torch's imports, already there)."""
     import copy
 
-    import torch
-    from blip3v.export.engine import decoder_golden
+    with bar.step("start-up"):  # torch's, transformers' and the exporter's imports: up to tens of seconds
+        import torch
+        from blip3v.export.engine import decoder_golden
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
@@ -879,23 +1053,38 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
     ort_kind = "ort-cuda" if cuda else "blip3v-ort"
     uses_ort = wanted(ort_kind)
     on_disk = uses_ort or wanted("genai")  # the exporter and the builder read an HF directory
+    dense = [p for p in args.precision if p != "int4"]
+    ort_dense = [p for p in dense if wanted(ort_kind, p)]
+    int4 = wanted(ort_kind, "int4")
+    genai_precisions = [p for p in ("fp32", "int4") if wanted("genai", p)]  # the builder: fp32 / int8 / int4
+    # The PyTorch model is put away while INT4 is quantized and the builder runs (neither needs it:
+    # both read files), and read back from the HF directory after, so their peaks do not add to it.
+    release = int4 or bool(genai_precisions)
+    sizes = phi3_sizes(args.size, args.layers) if args.lm is None else read_lm_config(Path(args.lm))
+    memory = expected_memory(sizes, plan, args.attention, args.prompt_tokens + args.new_tokens, release)
+    log(memory_line(memory))
+    warning = over_memory(memory["peak"])  # a small machine can stop here
+    if warning:
+        log(warning)
+    bar.add(setup_steps(sizes, args, plan, ort_dense, int4, genai_precisions, release))
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        if args.lm is None:
-            described = f"Phi3ForCausalLM, random weights ({args.size}), {args.layers} layers"
-            lm_dir = work / "phi3"
-            if on_disk:
-                log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {lm_dir}")
-                model = make_phi3_dir(lm_dir, args.size, args.layers, args.seed)
-            else:  # only PyTorch systems: built where they run, nothing written
-                log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) on {args.device}")
-                model = make_phi3(args.size, args.layers, args.seed, args.device)
-            log(f"  built in {time.perf_counter() - t0:.0f} s")
-        else:
-            lm_dir = Path(args.lm)
-            model = load_lm(lm_dir, log)
-            described = f"{lm_dir} ({model.config.num_hidden_layers} layers)"
+        with bar.step("model"):
+            if args.lm is None:
+                described = f"Phi3ForCausalLM, random weights ({args.size}), {args.layers} layers"
+                lm_dir = work / "phi3"
+                if on_disk:
+                    log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) -> {lm_dir}")
+                    model = make_phi3_dir(lm_dir, args.size, args.layers, args.seed)
+                else:  # only PyTorch systems: built where they run, nothing written
+                    log(f"Phi-3 ({args.size}, {args.layers} layers, random weights) on {args.device}")
+                    model = make_phi3(args.size, args.layers, args.seed, args.device)
+                log(f"  built in {time.perf_counter() - t0:.0f} s")
+            else:
+                lm_dir = Path(args.lm)
+                model = load_lm(lm_dir, log)
+                described = f"{lm_dir} ({model.config.num_hidden_layers} layers)"
         conf = model.config
         if args.prompt_tokens + args.new_tokens > conf.max_position_embeddings:
             raise ValueError("--prompt-tokens + --new-tokens exceeds the model's positions")
@@ -906,58 +1095,95 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
         providers = _ort_providers(args.device) if uses_ort else []
 
         def ort_system(path: Path, table_p: np.ndarray, attention: str, precision: str) -> System:
-            backend = blip3v_backend(path, table_p, conf, args.threads, providers, attention=attention)
-            if cuda:  # the exported graphs on ONNX Runtime's CUDA provider: a peer on a GPU
-                return blip3v_system(backend, f"CUDA EP, blip3v's exported graph ({attention}), IO binding", precision,
-                                     name="onnxruntime", role="peer", label=f"onnxruntime CUDA EP {attention}")
-            return blip3v_system(backend, ORT_VARIANT.format(attention), precision)
+            """A system whose session opens only for its own timing phase (`phases`)."""
+            def make(backend) -> System:
+                if cuda:  # the exported graphs on ONNX Runtime's CUDA provider: a peer on a GPU
+                    return blip3v_system(backend, f"CUDA EP, blip3v's exported graph ({attention}), IO binding",
+                                         precision, name="onnxruntime", role="peer",
+                                         label=f"onnxruntime CUDA EP {attention}")
+                return blip3v_system(backend, ORT_VARIANT.format(attention), precision)
+
+            def opener() -> System:
+                return make(blip3v_backend(path, table_p, conf, args.threads, providers, attention=attention))
+
+            shell = make(None)
+            shell.run, shell.opener = None, opener
+            return shell
 
         systems, exports, int4_path = [], {}, None
         int4_options = {"block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level}
         fast: dict[str, Any] = {}  # precision -> the torch system's FastDecoder, for the floors
         half = None  # the float16 model on the device, shared by the fp16 and int4 torch systems
         by_plan: dict[tuple[str, str, str], System] = {}
-        for precision in (p for p in args.precision if p != "int4"):
-            # a copy per precision for transformers and the export; the reference stays float32.
-            pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
-            if wanted(ort_kind, precision):
+        tables = {p: embeddings.astype(DTYPES[p], copy=False) for p in ort_dense}  # fp32: the table itself
+        for precision in ort_dense:  # the graphs first, written to disk; their sessions open later
+            with bar.step(f"export {precision}"):
+                pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
                 cpu_model = pmodel if not next(pmodel.parameters()).is_cuda else copy.deepcopy(pmodel).cpu()
                 exported = export_blip3v(cpu_model, work, args.attention, precision, golden, log)
                 exports.update({f"{a} {precision}": e for a, e in exported.items()})
-                table_p = embeddings.astype(DTYPES[precision])
-                for a, e in exported.items():
-                    by_plan[(ort_kind, precision, a)] = ort_system(e["path"], table_p, a, precision)
-            on_device = not cuda or next(pmodel.parameters()).is_cuda  # built there, or the CPU run
-            dmodel = pmodel if on_device else copy.deepcopy(pmodel).to(args.device)
-            half = dmodel if cuda and precision == "fp16" else half
-            role = "reference" if cuda else "peer"
-            by_plan[("transformers-eager", precision, "")] = transformers_system(dmodel, args.hf_attention, precision,
-                                                                                 role=role)
-            if wanted("transformers-static", precision):  # the same weights: generate keeps its own cache
-                by_plan[("transformers-static", precision, "")] = transformers_system(
-                    dmodel, args.hf_attention, precision, cache="static")
-            if wanted("blip3v-torch", precision):
-                by_plan[("blip3v-torch", precision, "")], fast[precision] = torch_system(dmodel, precision)
-        if wanted(ort_kind, "int4"):
-            fp32_gqa = exports.get("gqa fp32") or export_blip3v(model if not cuda else copy.deepcopy(model).cpu(), work,
-                                                                ["gqa"], "fp32", golden, log)["gqa"]
-            int4_path = path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
-                                                    args.int4_accuracy_level, log, args.seed)
-            by_plan[(ort_kind, "int4", "gqa")] = ort_system(path, embeddings, "gqa", "int4")
-        if wanted("blip3v-torch", "int4"):  # INT4 Triton kernel; no CPU fast path
-            if half is None:
-                half = copy.deepcopy(model).to(args.device, torch.float16)
-            # the FastDecoder swaps Int4Linear into its own layer list; `half` keeps its fp16 weights
-            by_plan[("blip3v-torch", "int4", "")], fast["int4"] = torch_system(half, "int4", weights="int4")
-        for precision in (p for p in ("fp32", "int4") if wanted("genai", p)):  # the builder: fp32 / int8 / int4
-            built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
-            by_plan[("genai", precision, "")] = genai_system(built, precision)
+                del pmodel, cpu_model
+        if int4:
+            fp32_gqa = exports.get("gqa fp32")
+            if fp32_gqa is None:
+                with bar.step("export gqa fp32"):
+                    fp32_gqa = export_blip3v(model if not cuda else copy.deepcopy(model).cpu(), work, ["gqa"], "fp32",
+                                             golden, log)["gqa"]
+        golden = None
+        if release:
+            del model
+        release_memory()
+        if int4:
+            with bar.step("quantize int4"):
+                int4_path = quantize_blip3v_int4(fp32_gqa["path"], embeddings, conf, args.int4_block_size,
+                                                 args.int4_accuracy_level, log, args.seed)
+            release_memory()
+        for precision in genai_precisions:
+            with bar.step(f"build genai {precision}"):
+                built = build_genai(lm_dir, work / f"genai-{precision}", args.threads, log, precision, int4_options)
+            by_plan[("genai", precision, "")] = genai_system(built, precision, lazy=True)
+        if release:
+            with bar.step("reload"):
+                model = load_lm(lm_dir, log)
+        with bar.step("systems"):
+            for precision in ort_dense:
+                for a in args.attention:
+                    e = exports[f"{a} {precision}"]
+                    by_plan[(ort_kind, precision, a)] = ort_system(e["path"], tables[precision], a, precision)
+            if int4:
+                by_plan[(ort_kind, "int4", "gqa")] = ort_system(int4_path, embeddings, "gqa", "int4")
+            for precision in dense:
+                # a copy per precision for transformers; the reference stays float32.
+                pmodel = model if precision == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[precision]))
+                on_device = not cuda or next(pmodel.parameters()).is_cuda  # built there, or the CPU run
+                dmodel = pmodel if on_device else copy.deepcopy(pmodel).to(args.device)
+                half = dmodel if cuda and precision == "fp16" else half
+                role = "reference" if cuda else "peer"
+                by_plan[("transformers-eager", precision, "")] = transformers_system(dmodel, args.hf_attention,
+                                                                                     precision, role=role)
+                if wanted("transformers-static", precision):  # the same weights: generate keeps its own cache
+                    by_plan[("transformers-static", precision, "")] = transformers_system(
+                        dmodel, args.hf_attention, precision, cache="static")
+                if wanted("blip3v-torch", precision):
+                    by_plan[("blip3v-torch", precision, "")], fast[precision] = torch_system(dmodel, precision)
+            if wanted("blip3v-torch", "int4"):  # INT4 Triton kernel; no CPU fast path
+                if half is None:
+                    half = copy.deepcopy(model).to(args.device, torch.float16)
+                # the FastDecoder swaps Int4Linear into its own layer list; `half` keeps its fp16 weights
+                by_plan[("blip3v-torch", "int4", "")], fast["int4"] = torch_system(half, "int4", weights="int4")
         systems = [by_plan[(r.kind, r.precision, r.attention)] for r in plan]
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(3, min(32000, conf.vocab_size - 64), size=args.prompt_tokens)  # ordinary word ids
+        n_phases = len(phases(systems))
         log(f"timing: prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.repeats} repeats, "
-            f"{args.threads} threads")
-        notes += measure(systems, prompt, args.new_tokens, args.repeats, log)
+            f"{args.threads} threads" + (f", {n_phases} phases (one ONNX model open at a time)"
+                                         if n_phases > 1 else ""))
+        with bar.step("timing", total=planned_requests(systems, args.repeats)) as advance:
+            notes += measure(systems, prompt, args.new_tokens, args.repeats, log, advance)
+        if n_phases > 1:
+            notes.append(f"timed in {n_phases} phases, one per ONNX model, so that one ONNX model is open at a time "
+                         "beside the PyTorch model (memory); the PyTorch rows ran in every phase: their figures are "
+                         f"over {n_phases} x {args.repeats} requests, each phase interleaved on its own")
         rows = summarize(systems)
         for row in rows:
             if row.get("compiled") is False:
@@ -1004,6 +1230,7 @@ def run_benchmark(args: argparse.Namespace, log: Log = log_stderr) -> dict[str, 
                 result.setdefault("profile", {}).update(
                     {f"blip3v torch {p}": profile_torch_step(f, args.prompt_tokens, log) for p, f in fast.items()})
         log(f"done in {time.perf_counter() - t0:.0f} s")
+    result["memory"] = {"expected_gib": memory, **peak_memory(children=bool(genai_precisions))}
     return result
 
 
@@ -1132,7 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: sizes must be positive and --new-tokens at least 2", file=sys.stderr)
         return 2
     try:
-        result = run_benchmark(args)
+        result = run_benchmark(args, progress=not args.json)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 1
@@ -1145,7 +1372,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(table(result["systems"]))
-        print("\n".join([*ratio_lines(result), *floor_lines(result), *note_lines(result)]))
+        print("\n".join([*ratio_lines(result), *floor_lines(result), *note_lines(result),
+                         *memory_lines(result["memory"])]))
     if args.out_md:
         niceness = os.nice(0)
         command = (f"nice -n {niceness} " if niceness else "") + "python benchmarks/bench_decode.py " + \

@@ -99,6 +99,57 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
+def release_memory() -> None:
+    """Collects garbage and hands glibc's freed heap back to the OS (malloc_trim): after a large
+    model is dropped, its pages would otherwise stay resident under the next step's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def peak_memory(children: bool = False) -> dict[str, float]:
+    """Measured peak resident memory (GiB) of this process and, with `children`, of its largest
+    finished subprocess (a model builder), from getrusage's ru_maxrss: what `/usr/bin/time -v`
+    reports as "Maximum resident set size", over the process's life so far. (Children are left out
+    unless asked for: a forked helper such as `lscpu` is charged the parent's pages at the fork.)"""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, 2)}
+    if children:
+        out["peak_rss_children_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 2**30, 2)
+    return out
+
+
+def over_memory(expected_gib: float) -> str | None:
+    """A warning line when the expected peak exceeds this machine's physical memory, else None."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):  # no sysconf names here: nothing to compare against
+        return None
+    if expected_gib <= total:
+        return None
+    return f"warning: the expected peak ({expected_gib:.1f} GiB) exceeds this machine's memory ({total:.1f} GiB)"
+
+
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+    """The expected (stated up front) and the measured peak, for the text and Markdown reports."""
+    expected = memory.get("expected_gib", {})
+    line = f"peak memory: {memory['peak_rss_gib']:.2f} GiB measured (max RSS of this process"
+    if memory.get("peak_rss_children_gib"):
+        line += f"; its largest subprocess {memory['peak_rss_children_gib']:.2f} GiB"
+    line += ")"
+    if expected:
+        line += f", {expected['peak']:.2f} GiB expected"
+    return [line]
+
+
 def write_section(path: Path, section: str, text: str) -> None:
     """Replaces the `section` heading's part of a Markdown file (or appends it), leaving the rest alone."""
     old = path.read_text() if path.is_file() else "# Benchmark results\n"

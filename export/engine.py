@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import shutil
 import sys
@@ -44,6 +45,7 @@ from blip3v.export.graphs import ATTENTION, DecoderGraph, VisualGraph
 from blip3v.export.split import FRAME, TEMPORAL, check_split, export_split, manifest_sections, split_golden
 from blip3v.model.tokenizer import check_tokenizer, encode_prompt, stop_token_ids
 from blip3v.model.xgenmm import XGenMMVideoModel
+from blip3v.progress import PartBar, StepBar, null_bar
 from blip3v.runtime.manifest import (MANIFEST_NAME, DecoderSpec, EmbeddingsSpec, EngineSpec, FileEntry,
                                      KVCacheSpec, ModelSpec, PromptSpec, TokenizerSpec, VisualSpec, file_entries,
                                      seal, write_manifest)
@@ -58,6 +60,11 @@ VALIDATION_STEPS = 4  # cached decode steps checked after the prefill
 VALIDATION_SEED = 20241021  # not the seed of the tracing inputs: validation sees fresh inputs
 
 VISUAL, DECODER, EMBEDDINGS, TOKENIZER = "visual.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json"
+# export_engine's steps and their shares of its time, for progress bars: seconds of `blip3v export`
+# of the demo model on the shared 2-core dev box (tracing and optimising the graphs dominate; the
+# split graphs are two exports). A larger decoder takes a larger share; the ETA corrects itself.
+EXPORT_STEPS = {"tokenizer": 1.0, "reference outputs": 4.0, VISUAL: 40.0, f"{FRAME} + {TEMPORAL}": 90.0,
+                DECODER: 11.0, f"{DECODER} check": 1.0, "manifest": 1.0}
 KV_TEMPLATES = {"past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
                 "present_key": "present_key.{layer}", "present_value": "present_value.{layer}"}
 
@@ -90,9 +97,10 @@ def _to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: list
              dynamic_shapes: dict[str, Any], opset: int, translations: dict | None = None) -> list[str]:
     """torch.onnx.export(dynamo=True) -> the file names written (the graph, maybe its external data)."""
     external = _param_bytes(module) > EXTERNAL_DATA_BYTES
-    # The exporter prints progress to stdout and warns about torchvision/deprecations: keep stdout
-    # clean for `--json` and let our own stage lines be the progress report.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), _quiet_torch_logs():
+    # The exporter prints its own progress to stdout and warns about torchvision/deprecations: both
+    # dropped, so stdout stays clean for `--json`, --quiet is quiet, and the caller's bar and step
+    # lines are the progress report (a failed export raises with its own message).
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
@@ -317,15 +325,19 @@ def _check_out(out: Path) -> None:
 
 def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames: int | None = None,
                   precision: str = "fp32", opset: int = DEFAULT_OPSET, max_context: int | None = None,
-                  attention: str = "gqa", source: str = "", log: Log | None = None) -> dict[str, Any]:
+                  attention: str = "gqa", source: str = "", log: Log | None = None,
+                  bar: StepBar | PartBar | None = None) -> dict[str, Any]:
     """Exports, validates and writes an engine directory; returns the manifest.
 
     `model` must be float32 (the reference); for fp16 it is cast in place after the reference
     outputs are taken. `frames` (default: the config's) fixes T in the visual graph. `attention`
     "gqa" (ONNX Runtime's fused GroupQueryAttention, the fast choice for this runtime) or
     "standard" (plain ONNX ops, for TensorRT and other consumers); see export/graphs.py.
+    `log` gets one line per finished step (its check's figures); `bar` (a blip3v.progress bar with
+    the steps of EXPORT_STEPS, or a part of a larger one) moves as the steps finish.
     """
     log = log or (lambda _msg: None)
+    bar = bar or null_bar(EXPORT_STEPS)
     _require_onnxscript()
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
@@ -354,91 +366,92 @@ def export_engine(model: XGenMMVideoModel, tokenizer, out: str | Path, *, frames
     _check_out(out)
 
     with atomic_dir(out) as tmp:  # replaces `out` only when everything below succeeded
-        log(f"[1/6] tokenizer and embedding table ({cfg.additional_vocab_start + cfg.num_additional_tokens} rows)")
-        export_tokenizer(model, tokenizer, tmp)
-        np.save(tmp / EMBEDDINGS, embedding_table(model, np_dtype))
+        with bar.step("tokenizer"):
+            log(f"tokenizer and embedding table ({cfg.additional_vocab_start + cfg.num_additional_tokens} rows)")
+            export_tokenizer(model, tokenizer, tmp)
+            np.save(tmp / EMBEDDINGS, embedding_table(model, np_dtype))
 
-        log("[2/6] reference outputs (float32 PyTorch) on fresh random inputs")
-        vis_golden = visual_golden(model, frames)
-        split_ref = split_golden(model, frames)  # frame.onnx / temporal.onnx (export/split.py)
-        dec_golden = decoder_golden(model)
-        if precision == "fp16":
-            model = model.half()
+        with bar.step("reference outputs"):  # float32 PyTorch on fresh random inputs
+            vis_golden = visual_golden(model, frames)
+            split_ref = split_golden(model, frames)  # frame.onnx / temporal.onnx (export/split.py)
+            dec_golden = decoder_golden(model)
+            if precision == "fp16":
+                model = model.half()
 
-        log(f"[3/6] exporting {VISUAL} (T={frames}, {cfg.image_size}px, {precision})")
-        files = export_visual(model, tmp / VISUAL, frames, opset)
-        log(f"[4/6] checking {VISUAL} against PyTorch")
-        vis_diff = check_visual(tmp / VISUAL, vis_golden, precision, np_dtype)
-        log(f"      video_tokens max abs diff {vis_diff:.2e}")
-        log(f"      exporting {FRAME} + {TEMPORAL} (the visual path split per frame, for live video) and checking them")
-        files += export_split(model, tmp, frames, opset)
-        split_diffs = check_split(tmp, split_ref, vis_golden, precision, np_dtype)
-        log("      " + ", ".join(f"{k} {v:.2e}" for k, v in split_diffs.items()))
+        with bar.step(VISUAL):
+            files = export_visual(model, tmp / VISUAL, frames, opset)
+            vis_diff = check_visual(tmp / VISUAL, vis_golden, precision, np_dtype)
+        log(f"{VISUAL} (T={frames}, {cfg.image_size}px, {precision}): video_tokens max abs diff {vis_diff:.2e}")
+        with bar.step(f"{FRAME} + {TEMPORAL}"):  # the visual path split per frame, for live video
+            files += export_split(model, tmp, frames, opset)
+            split_diffs = check_split(tmp, split_ref, vis_golden, precision, np_dtype)
+        log(f"{FRAME} + {TEMPORAL}: " + ", ".join(f"{k} {v:.2e}" for k, v in split_diffs.items()))
 
-        log(f"[5/6] exporting {DECODER} ({num_layers} layers, {attention} attention on in-place KV buffers)")
-        files += export_decoder(model, tmp / DECODER, opset, attention)
-        log(f"      checking {DECODER}: prefill + {VALIDATION_STEPS} cached decode steps")
-        dec_diff = check_decoder(tmp / DECODER, dec_golden, precision, np_dtype, kv_heads, head_dim, num_layers)
-        log(f"      logits max abs diff {dec_diff:.2e}")
+        with bar.step(DECODER):
+            files += export_decoder(model, tmp / DECODER, opset, attention)
+        with bar.step(f"{DECODER} check"):  # prefill + VALIDATION_STEPS cached decode steps
+            dec_diff = check_decoder(tmp / DECODER, dec_golden, precision, np_dtype, kv_heads, head_dim, num_layers)
+        log(f"{DECODER} ({num_layers} layers, {attention} attention on in-place KV buffers): logits max abs diff "
+            f"{dec_diff:.2e} (prefill + {VALIDATION_STEPS} cached steps)")
 
-        log("[6/6] hashing files and writing the manifest")
-        files += [EMBEDDINGS, TOKENIZER]
-        spec = EngineSpec(
-            precision=precision,
-            dtype=np_dtype.name,
-            model=ModelSpec(
-                temporal_encoder=cfg.temporal_encoder_config.type,  # informational only
-                num_frames=frames, image_size=cfg.image_size,
-                image_mean=tuple(float(x) for x in cfg.image_mean),  # type: ignore[arg-type]
-                image_std=tuple(float(x) for x in cfg.image_std),  # type: ignore[arg-type]
-                num_video_tokens=int(vis_golden["video_tokens"].shape[1]), hidden_size=int(conf.hidden_size),
-                num_logits=int(cfg.num_logits), num_layers=num_layers,
-                num_attention_heads=int(conf.num_attention_heads), num_key_value_heads=kv_heads,
-                head_dim=head_dim, max_context=max_context, sliding_window=getattr(conf, "sliding_window", None)),
-            visual=VisualSpec(file=VISUAL, pixel_values="pixel_values", video_tokens="video_tokens"),
-            decoder=DecoderSpec(
-                file=DECODER, inputs_embeds="inputs_embeds", attention_mask="attention_mask",
-                position_ids="position_ids", logits="logits", attention=attention,
-                # Prefill from an empty cache, then 1 token per call: GQA refuses S > 1 after a
-                # non-empty cache for batch > 1, so the runtime never makes such calls.
-                calls="chunks",  # a chunk after a cached prefix (sessions; GQA at batch 1, see runtime)
-                kv_cache=KVCacheSpec(**KV_TEMPLATES,
-                                     update="group_query_attention" if attention == "gqa" else "scatter_elements")),
-            embeddings=EmbeddingsSpec(file=EMBEDDINGS, rows=cfg.additional_vocab_start + cfg.num_additional_tokens,
-                                      dim=int(conf.hidden_size), dtype=np_dtype.name),
-            tokenizer=TokenizerSpec(file=TOKENIZER, add_special_tokens=False, padding_side="left"),
-            prompt=PromptSpec(template=cfg.prompt_template, system=cfg.system_prompt, image_token="<image>"),
-            special_token_ids={k: int(v) for k, v in cfg.special_token_ids.items()},
-            stop_token_ids=tuple(int(i) for i in stop_token_ids(cfg)),
-            export={
-                "exporter": "torch.onnx.export(dynamo=True)",
-                "opset": opset,
-                "versions": _versions(),
-                "source": source,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "validation": {"tolerance": TOLERANCE[precision],
-                               "tolerance_rule": "max abs diff" if precision == "fp32" else "max abs diff / max(1, max |ref|)",
-                               "visual_max_abs_diff": vis_diff, "decoder_max_abs_diff": dec_diff,
-                               "decoder_steps": 1 + VALIDATION_STEPS, **split_diffs},
-            },
-            files={n: FileEntry(e["sha256"], e["bytes"]) for n, e in file_entries(tmp, files).items()},
-            extra=manifest_sections(model, frames),  # optional `frame` / `temporal`: blip3v.runtime.live
-        )
-        manifest = seal(spec)  # checked by the reader's own code: what export writes, the runtime reads
-        write_manifest(tmp, spec)
-        # TensorRT compatibility, checked without TensorRT: a gqa export is ONNX Runtime-only by
-        # design (the report says so); a standard export that TensorRT could not build fails here.
-        from blip3v.export.trt_check import check_engine_dir
+        with bar.step("manifest"):  # hashes, the manifest, the TensorRT compatibility check
+            files += [EMBEDDINGS, TOKENIZER]
+            spec = EngineSpec(
+                precision=precision,
+                dtype=np_dtype.name,
+                model=ModelSpec(
+                    temporal_encoder=cfg.temporal_encoder_config.type,  # informational only
+                    num_frames=frames, image_size=cfg.image_size,
+                    image_mean=tuple(float(x) for x in cfg.image_mean),  # type: ignore[arg-type]
+                    image_std=tuple(float(x) for x in cfg.image_std),  # type: ignore[arg-type]
+                    num_video_tokens=int(vis_golden["video_tokens"].shape[1]), hidden_size=int(conf.hidden_size),
+                    num_logits=int(cfg.num_logits), num_layers=num_layers,
+                    num_attention_heads=int(conf.num_attention_heads), num_key_value_heads=kv_heads,
+                    head_dim=head_dim, max_context=max_context, sliding_window=getattr(conf, "sliding_window", None)),
+                visual=VisualSpec(file=VISUAL, pixel_values="pixel_values", video_tokens="video_tokens"),
+                decoder=DecoderSpec(
+                    file=DECODER, inputs_embeds="inputs_embeds", attention_mask="attention_mask",
+                    position_ids="position_ids", logits="logits", attention=attention,
+                    # Prefill from an empty cache, then 1 token per call: GQA refuses S > 1 after a
+                    # non-empty cache for batch > 1, so the runtime never makes such calls.
+                    calls="chunks",  # a chunk after a cached prefix (sessions; GQA at batch 1, see runtime)
+                    kv_cache=KVCacheSpec(**KV_TEMPLATES,
+                                         update="group_query_attention" if attention == "gqa" else "scatter_elements")),
+                embeddings=EmbeddingsSpec(file=EMBEDDINGS, rows=cfg.additional_vocab_start + cfg.num_additional_tokens,
+                                          dim=int(conf.hidden_size), dtype=np_dtype.name),
+                tokenizer=TokenizerSpec(file=TOKENIZER, add_special_tokens=False, padding_side="left"),
+                prompt=PromptSpec(template=cfg.prompt_template, system=cfg.system_prompt, image_token="<image>"),
+                special_token_ids={k: int(v) for k, v in cfg.special_token_ids.items()},
+                stop_token_ids=tuple(int(i) for i in stop_token_ids(cfg)),
+                export={
+                    "exporter": "torch.onnx.export(dynamo=True)",
+                    "opset": opset,
+                    "versions": _versions(),
+                    "source": source,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "validation": {"tolerance": TOLERANCE[precision],
+                                   "tolerance_rule": "max abs diff" if precision == "fp32" else "max abs diff / max(1, max |ref|)",
+                                   "visual_max_abs_diff": vis_diff, "decoder_max_abs_diff": dec_diff,
+                                   "decoder_steps": 1 + VALIDATION_STEPS, **split_diffs},
+                },
+                files={n: FileEntry(e["sha256"], e["bytes"]) for n, e in file_entries(tmp, files).items()},
+                extra=manifest_sections(model, frames),  # optional `frame` / `temporal`: blip3v.runtime.live
+            )
+            manifest = seal(spec)  # checked by the reader's own code: what export writes, the runtime reads
+            write_manifest(tmp, spec)
+            # TensorRT compatibility, checked without TensorRT: a gqa export is ONNX Runtime-only by
+            # design (the report says so); a standard export that TensorRT could not build fails here.
+            from blip3v.export.trt_check import check_engine_dir
 
-        trt_report = check_engine_dir(tmp)
-        if attention == "gqa" and not trt_report.ok:
-            log("      TensorRT: not this engine (its decoder uses ONNX Runtime's fused kernels: "
-                "GroupQueryAttention, SimplifiedLayerNormalization, ...); export with "
-                "--attention standard for TensorRT")
-        else:
-            log("      " + trt_report.summary())
-        if attention == "standard":
-            trt_report.raise_if_failed()
+            trt_report = check_engine_dir(tmp)
+            if attention == "gqa" and not trt_report.ok:
+                log("TensorRT: not this engine (its decoder uses ONNX Runtime's fused kernels: "
+                    "GroupQueryAttention, SimplifiedLayerNormalization, ...); export with "
+                    "--attention standard for TensorRT")
+            else:
+                log(trt_report.summary())
+            if attention == "standard":
+                trt_report.raise_if_failed()
     log(f"engine written to {out}")
     return manifest
 

@@ -73,16 +73,19 @@ def command() -> None:
 @click.option("--results", type=click.Path(dir_okay=False), default=None,
               help="Write the table as a section of this Markdown file (e.g. benchmarks/RESULTS.md).")
 @click.option("--title", default=None, help="Heading of that section (default: model, backend and device).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="Nothing on stderr: no progress bar, no step lines.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"budgets": [{"budget", "tokens", "ttft_ms", "decode_ms_per_token", "stages_ms"}, ...], ...}.')
+              help='Print {"budgets": [{"budget", "tokens", "ttft_ms", "decode_ms_per_token", "stages_ms"}, ...], '
+                   '"memory", ...} (step lines on stderr, no bar).')
 def budget(model, layers, backend, device, precision, budgets, temporal, repeats, warmup, new_tokens, video,
            question, decoder, threads, plot, results, title, quiet, as_json) -> None:
     """Cost of each stage at each video-token budget M, beside no temporal encoder and raw SigLIP tokens.
 
     \b
     TTFT is the time from the encoded video to the first answer token (splice + prefill), the part
-    the budget changes; e2e is the whole request from the video file to the last token.
+    the budget changes; e2e is the whole request from the video file to the last token. The
+    expected peak memory (from the parameter count) is printed before the model is made, the
+    measured one (max RSS) at the end.
     Examples:
       blip3v bench budget                                  # the demo model on this CPU
       blip3v bench budget --model real --layers 2 --repeats 2 --plot budget.png
@@ -98,7 +101,11 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
                          temporal=temporal, repeats=repeats, warmup=warmup, new_tokens=new_tokens, video=video,
                          question=question, threads=threads, decoder=decoder)
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
-    result = run_budget(opts, log=log, progress=not quiet)
+    # transformers' own bars (loading shards): silent under --quiet, covered by this command's bar otherwise
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    result = run_budget(opts, log=log, progress=not (quiet or as_json))
     if plot:
         draw(result, plot)
         log(f"wrote {plot}")
@@ -146,9 +153,10 @@ def budget(model, layers, backend, device, precision, budgets, temporal, repeats
                    "torch backend's decode step on cuda.")
 @click.option("--results", type=click.Path(dir_okay=False), default=None,
               help="Write the result as the decode section of this Markdown file (e.g. benchmarks/RESULTS.md).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--quiet", is_flag=True, help="Nothing on stderr: no progress bar, no step lines.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"systems": [{"name", "precision", "ttft_ms", "decode_ms_per_token"}, ...], "ratios", ...}.')
+              help='Print {"systems": [{"name", "precision", "ttft_ms", "decode_ms_per_token"}, ...], "ratios", '
+                   '"memory", ...} (step lines on stderr, no bar).')
 def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_accuracy_level, attention,
            prompt_tokens, new_tokens, repeats, threads, skip_genai, profile, results, quiet, as_json) -> None:
     """Decode ms/token and time to first token: this project's runtimes (named blip3v) against
@@ -159,10 +167,16 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
     FLOP floors beside them. Rows that cannot run here are left out with a note.
 
     Ratios are fastest peer time / blip3v time (> 1: blip3v is faster). The first request of each
-    system (compilation, graph capture) is reported apart from the steady state."""
+    system (compilation, graph capture) is reported apart from the steady state.
+
+    Memory: the expected peak (from the parameter count) is printed before the model is built and
+    the measured peak (max RSS) at the end. One ONNX model is open at a time: the timing runs in
+    one phase per ONNX model, the PyTorch systems timed in each, and the PyTorch model is put away
+    while INT4 is quantized."""
     import argparse
 
     from blip3v.benchmarks import bench_decode as bd
+    from blip3v.benchmarks.common import memory_lines
 
     args = argparse.Namespace(lm=lm, size=size, layers=layers, backend=list(backend), device=device,
                               precision=list(precision or ("fp32", "fp16", "int4")), attention=list(attention),
@@ -170,12 +184,13 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
                               hf_attention="sdpa", skip_genai=skip_genai, profile=profile, seed=0)
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
-    if quiet:  # transformers' own bars (writing the random Phi-3's shards)
-        from transformers.utils import logging as hf_logging
+    # transformers' own bars (writing the random Phi-3's shards): silent under --quiet, and covered
+    # by this command's one bar otherwise
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
-        result = bd.run_benchmark(args, log)
+        result = bd.run_benchmark(args, log, progress=not (quiet or as_json))
     except ValueError as exc:
         raise InputError(str(exc).splitlines()[0]) from None
     for r in result["systems"]:
@@ -189,7 +204,8 @@ def decode(lm, size, layers, backend, device, precision, int4_block_size, int4_a
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(bd.table(result["systems"]))
-    for line in [*bd.ratio_lines(result), *bd.floor_lines(result), *bd.note_lines(result)]:
+    for line in [*bd.ratio_lines(result), *bd.floor_lines(result), *bd.note_lines(result),
+                 *memory_lines(result["memory"])]:
         click.echo(line)
 
 

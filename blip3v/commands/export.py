@@ -29,14 +29,16 @@ import click
               help="Decoder attention: gqa = ONNX Runtime's fused GroupQueryAttention on the in-place KV "
                    "buffers (fastest here, ORT only); standard = plain ONNX ops (TensorRT, other runtimes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights for --preset.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
+@click.option("--quiet", is_flag=True, help="Nothing on stderr: no progress bar, no step lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done (step lines, no bar).")
 def command(model_dir, revision, preset, out: Path, frames, precision, opset, max_context, attention, seed,
-            as_json: bool) -> None:
+            quiet: bool, as_json: bool) -> None:
     """Export a checkpoint (or a random-weight preset) to an engine directory.
 
     \b
     Writes visual.onnx, decoder.onnx, embed_tokens.npy, tokenizer.json and manifest.json, each
-    graph checked against the PyTorch reference right after export.
+    graph checked against the PyTorch reference right after export. A progress bar with an ETA
+    (not with --json) and one line per checked graph go to stderr; --quiet silences both.
     Examples:
       blip3v export --model runs/demo --out engines/demo
       blip3v export --model Salesforce/xgen-mm-vid-phi3-mini-r-v1.5-128tokens-8frames --out engines/xgen-mm-vid-128
@@ -51,6 +53,7 @@ def command(model_dir, revision, preset, out: Path, frames, precision, opset, ma
         raise InputError("give either --model or --preset, not both")
     if revision is not None and not model_dir:
         raise InputError("--revision selects a version of a Hub model: give --model ORG/NAME")
+    directory, source = None, ""
     if not preset:  # a Hub id is resolved (or refused) before torch is imported
         from blip3v.assets import DEMO_MODEL
         from blip3v.model.hub import checkpoint_source, resolve_checkpoint
@@ -58,9 +61,35 @@ def command(model_dir, revision, preset, out: Path, frames, precision, opset, ma
         directory = resolve_checkpoint(model_dir or DEMO_MODEL, revision)
         source = checkpoint_source(model_dir or DEMO_MODEL, directory)
 
+    show = not (quiet or as_json)  # the bar
+    from blip3v.progress import StepBar
+
+    # one bar over loading (torch's imports included) and export_engine's own steps (EXPORT_STEPS)
+    with StepBar({"loading": 12.0}, desc="export", enabled=show) as bar:  # seconds, as EXPORT_STEPS
+        with bar.step("loading"):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' own bars: silent with --quiet, under ours otherwise
+            from blip3v.export.engine import EXPORT_STEPS, export_engine
+
+            bar.add(EXPORT_STEPS)
+            model, tokenizer, source = _load(preset, seed, source, directory)
+        manifest = export_engine(model, tokenizer, out, frames=frames, precision=precision, opset=opset,
+                                 max_context=max_context, attention=attention, source=source,
+                                 log=None if quiet else bar.write, bar=bar)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        v = manifest["export"]["validation"]
+        click.echo(f"{out}: {manifest['model']['num_video_tokens']} video tokens, {precision}; max abs diff "
+                   f"visual {v['visual_max_abs_diff']:.2e}, decoder {v['decoder_max_abs_diff']:.2e}")
+
+
+def _load(preset, seed, source, directory):
+    """-> (float32 model, tokenizer, source): a random-weight preset or the checkpoint in `directory`."""
     import torch
 
-    from blip3v.export.engine import export_engine, preset_tokenizer
+    from blip3v.export.engine import preset_tokenizer
 
     if preset:
         from blip3v.model.config import preset as preset_config
@@ -73,12 +102,4 @@ def command(model_dir, revision, preset, out: Path, frames, precision, opset, ma
         from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
 
         model, tokenizer = load_checkpoint(directory), load_tokenizer(directory)
-
-    manifest = export_engine(model, tokenizer, out, frames=frames, precision=precision, opset=opset,
-                             max_context=max_context, attention=attention, source=source, log=lambda msg: click.echo(msg, err=True))
-    if as_json:
-        click.echo(json.dumps(manifest, indent=2))
-    else:
-        v = manifest["export"]["validation"]
-        click.echo(f"{out}: {manifest['model']['num_video_tokens']} video tokens, {precision}; max abs diff "
-                   f"visual {v['visual_max_abs_diff']:.2e}, decoder {v['decoder_max_abs_diff']:.2e}")
+    return model, tokenizer, source

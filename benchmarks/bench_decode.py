@@ -229,7 +229,8 @@ def quantize_blip3v_int4(decoder_path: Path, embeddings: np.ndarray, conf, block
                 feed[KV_TEMPLATES[role].format(layer=i)] = np.zeros((1, conf.num_key_value_heads, 64, head_dim), np.float32)
         feeds.append(feed)
     log(f"  quantizing the blip3v decoder to INT4 (awq, block {block_size}, accuracy level {accuracy_level})")
-    qmodel, _ = quantize_decoder(onnx.load(str(decoder_path)), feeds, "int4", "awq", block_size, accuracy_level, log=log)
+    qmodel, _ = quantize_decoder(onnx.load(str(decoder_path)), feeds, "int4", "awq", block_size, accuracy_level, log=log,
+                                 in_place=True)  # the float graph is read again from disk where needed
     out = decoder_path.with_name(decoder_path.stem + "-int4.onnx")
     save_model(qmodel, out)
     log(f"  blip3v decoder quantized to INT4 (awq, block {block_size}, accuracy level {accuracy_level}) in "

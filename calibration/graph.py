@@ -28,8 +28,11 @@ def fits_in_proto(model: onnx.ModelProto) -> bool:
 
 def session(model: onnx.ModelProto | str | Path, threads: int = 0):
     """A CPU session on a model in memory or on disk. Models past protobuf's 2 GB limit (Phi-3-mini
-    width decoders) go through a temporary file with external weights."""
+    width decoders) go through a temporary file with external weights, without a second copy of
+    them in memory: saving moves each weight out of `model` into the file, and once the session
+    holds them they are read back, so `model` is as it was."""
     import onnxruntime as ort
+    from onnx.external_data_helper import load_external_data_for_model
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -40,25 +43,28 @@ def session(model: onnx.ModelProto | str | Path, threads: int = 0):
     if fits_in_proto(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="blip3v-onnx-") as tmp:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # save_model with external data moves the weights out of the proto it is given
         path = Path(tmp) / "model.onnx"
-        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            load_external_data_for_model(model, tmp)
 
 
 def run_collect(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
                 visit: Callable[[str, np.ndarray], None]) -> None:
     """Runs every feed through `model` with the intermediate tensors `names` also returned and
-    calls visit(name, array) for each, one feed at a time (memory stays that of one run)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    for name in dict.fromkeys(names):
-        if name not in have:
-            copy.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = session(copy)
+    calls visit(name, array) for each, one feed at a time (memory stays that of one run). The
+    extra outputs are added to `model` only while its session is made (no copy of the weights)."""
+    have = {o.name for o in model.graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in have]
+    for name in added:
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        sess = session(model)
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
     for feed in feeds:
         for name, value in zip(names, sess.run(names, feed)):
             visit(name, value)

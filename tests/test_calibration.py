@@ -200,6 +200,35 @@ def test_awq_scale_folds_into_producer_columns():
     np.testing.assert_allclose(session(qmodel).run(["y"], {"x": x})[0], want, atol=1e-4, rtol=1e-4)
 
 
+def test_large_model_path_keeps_one_copy_and_the_model_unchanged(monkeypatch):
+    """Past protobuf's 2 GB cap, sessions and intermediate-tensor runs go through a temporary file
+    with external weights and leave the caller's proto exactly as it was (no copy is made of it:
+    the weights are moved out while saving and read back). Forced here on a small graph."""
+    import blip3v.calibration.graph as graph
+    from blip3v.calibration.graph import run_collect, session
+
+    rng = np.random.default_rng(1)
+    w1, w2 = (rng.normal(0, 0.1, (32, 32)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="a"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="b")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    outputs = [o.name for o in model.graph.output]
+    monkeypatch.setattr(graph, "fits_in_proto", lambda _m: False)
+    x = rng.normal(size=(4, 32)).astype(np.float32)
+    np.testing.assert_allclose(session(model).run(["y"], {"x": x})[0], np.maximum(x @ w1, 0) @ w2, rtol=1e-5, atol=1e-5)
+    seen = {}
+    run_collect(model, ["r", "y"], [{"x": x}], lambda name, v: seen.setdefault(name, v))
+    np.testing.assert_allclose(seen["r"], np.maximum(x @ w1, 0), rtol=1e-5, atol=1e-5)
+    # the weights are back inside (not pointing at a deleted file), no extra outputs left behind
+    assert [o.name for o in model.graph.output] == outputs
+    assert all(not t.external_data and t.data_location == TensorProto.DEFAULT for t in model.graph.initializer)
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), w1)
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[1]), w2)
+
+
 def test_gemm_head_with_bias_becomes_matmul_nbits():
     from blip3v.calibration.graph import session
     from blip3v.calibration.weight_only import gemms_to_matmuls, pack, rtn_dequantized, weight_matmuls

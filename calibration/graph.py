@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -26,11 +27,24 @@ def fits_in_proto(model: onnx.ModelProto) -> bool:
         return False
 
 
-def session(model: onnx.ModelProto | str | Path, threads: int = 0):
-    """A CPU session on a model in memory or on disk. Models past protobuf's 2 GB limit (Phi-3-mini
-    width decoders) go through a temporary file with external weights, without a second copy of
-    them in memory: saving moves each weight out of `model` into the file, and once the session
-    holds them they are read back, so `model` is as it was."""
+def on_disk(model: onnx.ModelProto) -> set[str]:
+    """Files holding weights of `model` that were not read in (onnx.load(..., load_external_data=False))."""
+    from onnx.external_data_helper import uses_external_data
+
+    return {entry.value for t in model.graph.initializer if uses_external_data(t) and not t.HasField("raw_data")
+            for entry in t.external_data if entry.key == "location"}
+
+
+def session(model: onnx.ModelProto | str | Path, threads: int = 0, base_dir: str | Path | None = None):
+    """A CPU session on a model in memory or on disk. A model whose weights are still on disk (in
+    `base_dir`, as onnx.load(..., load_external_data=False) leaves them) is written as its graph
+    alone into a temporary file beside them, so its weights are never held twice. Other models past
+    protobuf's 2 GB limit go through a temporary file with external weights: saving moves each
+    weight out of `model` into the file and they are read back once the session holds them.
+
+    Python's protobuf (upb) keeps every bytes value a message ever held until the message itself
+    is freed, so a weight replaced or cleared in place still takes its memory: keeping the 2 GB+
+    decoders' weights on disk until they are changed is what keeps memory near one copy."""
     import onnxruntime as ort
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -40,6 +54,21 @@ def session(model: onnx.ModelProto | str | Path, threads: int = 0):
         options.intra_op_num_threads = threads
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    files = on_disk(model)
+    if files and base_dir is None:
+        raise ValueError("the model's weights are on disk: give base_dir")
+    if files and fits_in_proto(model):
+        # The graph goes beside its weight files for the moment the session reads it: ONNX Runtime
+        # refuses external data outside the model's folder, symbolic links included.
+        fd, name = tempfile.mkstemp(prefix=".blip3v-graph-", suffix=".onnx", dir=base_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
+        finally:
+            os.unlink(name)
+    if files:
+        load_external_data_for_model(model, str(base_dir))
     if fits_in_proto(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="blip3v-onnx-") as tmp:
@@ -53,7 +82,7 @@ def session(model: onnx.ModelProto | str | Path, threads: int = 0):
 
 
 def run_collect(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                visit: Callable[[str, np.ndarray], None]) -> None:
+                visit: Callable[[str, np.ndarray], None], base_dir: str | Path | None = None) -> None:
     """Runs every feed through `model` with the intermediate tensors `names` also returned and
     calls visit(name, array) for each, one feed at a time (memory stays that of one run). The
     extra outputs are added to `model` only while its session is made (no copy of the weights)."""
@@ -62,7 +91,7 @@ def run_collect(model: onnx.ModelProto, names: list[str], feeds: Iterable[dict[s
     for name in added:
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     try:
-        sess = session(model)
+        sess = session(model, base_dir=base_dir)
     finally:
         del model.graph.output[len(model.graph.output) - len(added):]
     for feed in feeds:

@@ -22,11 +22,13 @@ held-out clips, where scaling alone and RTN changed none.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer,
                                                              MatMulNBitsQuantizer)
 
@@ -74,7 +76,7 @@ def awq_scale(w: np.ndarray, x: np.ndarray, bits: int, block: int) -> tuple[np.n
     return best[1], best[0]
 
 
-def gemms_to_matmuls(model: onnx.ModelProto) -> None:
+def gemms_to_matmuls(model: onnx.ModelProto, base_dir: str = "") -> None:
     """Rewrites each plain Gemm with a weight initializer (a Phi-3's LM head, xGen-MM's additional_fc)
     as MatMul (+ Add of its bias), in place. Own code because ORT's weight-only quantizer takes
     MatMul and Gather only."""
@@ -86,7 +88,7 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> None:
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = numpy_helper.to_array(inits[node.input[1]], base_dir)
         weight = f"{node.input[1]}_kn"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB") else w),
                                                                weight))
@@ -109,14 +111,15 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def collect_inputs(model: onnx.ModelProto, targets: list[onnx.NodeProto], feeds: list[dict[str, np.ndarray]],
-                   seed: int = 0) -> dict[str, np.ndarray]:
+                   seed: int = 0, base_dir: str = "") -> dict[str, np.ndarray]:
     """The distinct rows (tokens) each target's input takes over the calibration feeds, at most
     MAX_ROWS each. Repeated rows are dropped first: every calibration prompt opens with the same
     system text, whose tokens (causal attention: same prefix, same activations) would otherwise
     fill most of the sample and outweigh the video and question tokens."""
     rows: dict[str, list[np.ndarray]] = {}
     run_collect(model, sorted({t.input[0] for t in targets}), feeds,
-                lambda name, x: rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).astype(np.float32)))
+                lambda name, x: rows.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).astype(np.float32)),
+                base_dir=base_dir or None)
     rng = np.random.default_rng(seed)
     out = {}
     for name, parts in rows.items():
@@ -128,8 +131,8 @@ def collect_inputs(model: onnx.ModelProto, targets: list[onnx.NodeProto], feeds:
 class _Graph:
     """Producers, reader counts and initializers of a model, for folding scales in place."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
+        self.model, self.base_dir = model, base_dir
         self.inits = {t.name: t for t in model.graph.initializer}
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.readers: dict[str, int] = {}
@@ -142,7 +145,7 @@ class _Graph:
         other nodes also read (the exporter merges equal constants: every norm weight of a freshly
         initialised model is ones) is copied for this node first, so the others keep their values."""
         name = node.input[j]
-        values = numpy_helper.to_array(self.inits[name])
+        values = numpy_helper.to_array(self.inits[name], self.base_dir)  # read from disk if not loaded
         shape = [1] * values.ndim
         shape[axis] = -1
         scaled = (values * factor.reshape(shape)).astype(values.dtype)
@@ -240,10 +243,10 @@ def _fold(g: _Graph, target: onnx.NodeProto, s: np.ndarray, new_nodes: dict[str,
     return "mul"
 
 
-def apply_awq(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> dict[str, int]:
+def apply_awq(model: onnx.ModelProto, scales: dict[str, np.ndarray], base_dir: str = "") -> dict[str, int]:
     """In place: each named MatMul's weight rows times s, its input divided by s (folded where it
     can be). -> {"folded": into norms, "folded_into_matmul": into columns, "mul_nodes": Muls added}."""
-    g = _Graph(model)
+    g = _Graph(model, base_dir)
     counts = {"norm": 0, "columns": 0, "mul": 0}
     muls: dict[str, onnx.NodeProto] = {}
     for node in list(model.graph.node):
@@ -272,11 +275,13 @@ def pack(model: onnx.ModelProto, names: list[str], bits: int, block: int, accura
 
 def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: str = "int4",
                      method: str = "awq", block_size: int = 32, accuracy_level: int = 0,
-                     log: Callable[[str], None] = lambda _m: None, in_place: bool = False
-                     ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                     log: Callable[[str], None] = lambda _m: None, in_place: bool = False,
+                     base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """-> (the weight-only quantized decoder, report with each MatMul's calibration output error for
     this method and for RTN). `model` is not modified, unless `in_place` (a caller done with the
-    float graph saves a copy of its weights: 2.6 GB for a 4-layer Phi-3-mini-wide decoder)."""
+    float graph saves a copy of its weights: 2.6 GB for a 4-layer Phi-3-mini-wide decoder). `model`
+    may leave its weights in `base_dir` (onnx.load(..., load_external_data=False)): each is then read
+    when it is needed and held once (blip3v.calibration.graph.session says why that matters)."""
     if scheme not in SCHEMES:
         raise InputError(f"unknown decoder scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if method not in METHODS:
@@ -289,7 +294,8 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     else:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-    gemms_to_matmuls(work)
+    base = str(base_dir or "")
+    gemms_to_matmuls(work, base)
     targets = weight_matmuls(work)
     if not targets:
         raise InputError("the decoder graph has no weight MatMuls to quantize")
@@ -297,10 +303,10 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     if any(inits[t.input[1]].data_type != onnx.TensorProto.FLOAT for t in targets):
         raise InputError("weight-only quantization starts from a float32 engine: export with --precision fp32")
     log(f"  {len(targets)} MatMuls; collecting their inputs on {len(feeds)} calibration prompts")
-    xs = collect_inputs(work, targets, feeds)
+    xs = collect_inputs(work, targets, feeds, base_dir=base)
     scales, per_layer = {}, []
     for t in targets:
-        w, x = numpy_helper.to_array(inits[t.input[1]]).astype(np.float32), xs[t.input[0]]
+        w, x = numpy_helper.to_array(inits[t.input[1]], base).astype(np.float32), xs[t.input[0]]
         rtn = relative_error(x, w, rtn_dequantized(w, bits, block_size))
         row = {"layer": t.name, "weight": t.input[1], "shape": list(w.shape), "rtn_rel_error": rtn}
         if method == "awq":
@@ -310,7 +316,9 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         per_layer.append(row)
         log(f"    [{len(per_layer)}/{len(targets)}] {t.name} {w.shape[0]}x{w.shape[1]}: relative output error "
             f"rtn {rtn:.2e}, {method} {row[f'{method}_rel_error']:.2e}")
-    counts = apply_awq(work, scales)
+    counts = apply_awq(work, scales, base)
+    if base:  # the weights AWQ left alone, read in once for the packer
+        load_external_data_for_model(work, base)
     report = {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
               "layers": len(targets), "per_layer": per_layer, **counts}
     return pack(work, [t.name for t in targets], bits, block_size, accuracy_level), report

@@ -229,6 +229,41 @@ def test_large_model_path_keeps_one_copy_and_the_model_unchanged(monkeypatch):
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[1]), w2)
 
 
+def test_decoder_quantized_from_weights_left_on_disk_is_the_same(tmp_path):
+    """quantize_decoder on a graph loaded without its weights (read from base_dir one at a time,
+    held once) gives the same packed graph as on the graph loaded whole."""
+    from blip3v.calibration.graph import on_disk, session
+    from blip3v.calibration.weight_only import quantize_decoder
+
+    rng = np.random.default_rng(2)
+    k, inter, n = 64, 96, 64
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["xn"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["xn", "w1"], ["gu"], name="gate_up"),
+             helper.make_node("Split", ["gu"], ["gate", "up"], name="split", axis=2, num_outputs=2),
+             helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+             helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+             helper.make_node("Mul", ["silu", "up"], ["h"], name="product"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="down")]
+    inits = [numpy_helper.from_array(rng.normal(1, 0.1, k).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (k, 2 * inter)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (inter, n)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, n])], inits)
+    path = tmp_path / "decoder.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="decoder.onnx.data",
+                    size_threshold=0)
+    feeds = [{"x": (rng.normal(0, 1, (1, 9, k)) * np.linspace(0.2, 5, k)).astype(np.float32)} for _ in range(3)]
+    whole, report = quantize_decoder(onnx.load(str(path)), feeds, "int4", "awq", 32)
+    lazy = onnx.load(str(path), load_external_data=False)
+    assert on_disk(lazy) == {"decoder.onnx.data"}
+    parted, report2 = quantize_decoder(lazy, feeds, "int4", "awq", 32, in_place=True, base_dir=tmp_path)
+    assert report2 == report and on_disk(parted) == set()
+    assert [nd.op_type for nd in parted.graph.node] == [nd.op_type for nd in whole.graph.node]
+    x = feeds[0]["x"]
+    np.testing.assert_array_equal(session(parted).run(["y"], {"x": x})[0], session(whole).run(["y"], {"x": x})[0])
+
+
 def test_gemm_head_with_bias_becomes_matmul_nbits():
     from blip3v.calibration.graph import session
     from blip3v.calibration.weight_only import gemms_to_matmuls, pack, rtn_dequantized, weight_matmuls

@@ -28,6 +28,24 @@ def _check(weights: Mapping[str, float]) -> dict[str, float]:
     return dict(weights)
 
 
+@contextmanager
+def _moving(weight: float, total: float | None, move: Advance) -> Iterator[Advance]:
+    """Hands `weight` units to `move`: with `total`, n/total of them per `advance(n)` (never more
+    than `weight` in all), and at the end whatever the loop did not report."""
+    moved = 0.0
+
+    def advance(n: float = 1) -> None:
+        nonlocal moved
+        if not total:
+            return
+        part = min(weight * n / total, weight - moved)
+        moved += part
+        move(part)
+
+    yield advance
+    move(weight - moved)
+
+
 class StepBar:
     """A bar over `weights` (step name -> relative cost); `step(name)` runs one of them."""
 
@@ -56,20 +74,9 @@ class StepBar:
 
     @contextmanager
     def _share(self, name: str, total: float | None, label: str) -> Iterator[Advance]:
-        weight = self._weights[name]
         self._bar.set_description_str(f"{self._desc} ({label})", refresh=True)
-        moved = 0.0
-
-        def advance(n: float = 1) -> None:
-            nonlocal moved
-            if not total:
-                return
-            part = min(weight * n / total, weight - moved)
-            moved += part
-            self._move(part)
-
-        yield advance
-        self._move(weight - moved)  # whatever the loop did not report
+        with _moving(self._weights[name], total, self._move) as advance:
+            yield advance
 
     def _move(self, units: float) -> None:
         left = self._total - self._done
@@ -126,20 +133,9 @@ class PartBar:
 
     @contextmanager
     def step(self, name: str, total: float | None = None) -> Iterator[Advance]:
-        weight = self._weights[name]
         self._root.label(f"{self._name}: {name}")
-        moved = 0.0
-
-        def advance(n: float = 1) -> None:
-            nonlocal moved
-            if not total:
-                return
-            part = min(weight * n / total, weight - moved)
-            moved += part
-            self._advance(part)
-
-        yield advance
-        self._advance(weight - moved)
+        with _moving(self._weights[name], total, self._advance) as advance:
+            yield advance
 
     @contextmanager
     def part(self, name: str, weights: Mapping[str, float]) -> Iterator["PartBar"]:

@@ -76,6 +76,18 @@ def counting_opened_containers(monkeypatch) -> list[int]:
     return count
 
 
+def count_calls(monkeypatch, name: str) -> list[int]:
+    """Counts the calls of runtime.video's function `name` (still calling it): [count]."""
+    calls, original = [0], getattr(video, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(video, name, counted)
+    return calls
+
+
 def side_by_side(monkeypatch, workers: int) -> None:
     """Up to `workers` decoders read GOPs side by side, whatever the frame size."""
     monkeypatch.setattr(video, "GOP_PARALLEL_MIN_PIXELS", 0)
@@ -219,14 +231,7 @@ def test_side_by_side_decoders_fall_back_to_the_decode_path(tmp_path, monkeypatc
         return frame(self, target, clock)
 
     monkeypatch.setattr(video._Reader, "frame", fails_off_the_calling_thread)
-    decoded = [0]
-    by_decoding = video._read_by_decoding
-
-    def counted(*args):
-        decoded[0] += 1
-        return by_decoding(*args)
-
-    monkeypatch.setattr(video, "_read_by_decoding", counted)
+    decoded = count_calls(monkeypatch, "_read_by_decoding")
     np.testing.assert_array_equal(load_clip(path, T, 32), reference_pixels(path, T, 32))
     assert decoded[0] == 1
 
@@ -237,14 +242,7 @@ def test_matroska_cue_guess_is_kept_only_when_the_demux_pass_agrees(tmp_path, mo
     # at 100 (a gap of 80 ms) makes the guess one frame too many, which no decoded frame shows.
     side_by_side(monkeypatch, 2)
     forbid(monkeypatch, "_read_by_decoding")
-    reads = [0]
-    read_with_table = video._read_with_table
-
-    def counted(*args):
-        reads[0] += 1
-        return read_with_table(*args)
-
-    monkeypatch.setattr(video, "_read_with_table", counted)
+    reads = count_calls(monkeypatch, "_read_with_table")
     steady = write_video(tmp_path / "steady.mkv", bar_frames(150), options={"g": "30"})
     gap = write_video(tmp_path / "gap.mkv", bar_frames(150), pts=[40 * i + 40 * (i >= 100) for i in range(150)],
                       options={"g": "30"})

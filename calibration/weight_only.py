@@ -21,6 +21,9 @@ held-out clips, where scaling alone and RTN changed none.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,8 +134,8 @@ def collect_inputs(model: onnx.ModelProto, targets: list[onnx.NodeProto], feeds:
 class _Graph:
     """Producers, reader counts and initializers of a model, for folding scales in place."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
-        self.model, self.base_dir = model, base_dir
+    def __init__(self, model: onnx.ModelProto, base_dir: str = "", spill: "_Spill | None" = None):
+        self.model, self.base_dir, self.spill = model, base_dir, spill
         self.inits = {t.name: t for t in model.graph.initializer}
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.readers: dict[str, int] = {}
@@ -153,10 +156,40 @@ class _Graph:
             self.readers[name] -= 1
             name = node.input[j] = f"{name}_awq_{node.name}"
             self.readers[name] = 1
-            self.model.graph.initializer.append(numpy_helper.from_array(scaled, name))
+            self.model.graph.initializer.append(self._tensor(scaled, name))
             self.inits[name] = self.model.graph.initializer[-1]
         else:
-            self.inits[name].CopyFrom(numpy_helper.from_array(scaled, name))
+            self.inits[name].CopyFrom(self._tensor(scaled, name))
+
+    def _tensor(self, values: np.ndarray, name: str) -> onnx.TensorProto:
+        """The new weight: in the proto, or written to the spill file and pointed at."""
+        return numpy_helper.from_array(values, name) if self.spill is None else self.spill.put(values, name)
+
+
+class _Spill:
+    """Scaled weights appended to a scratch file beside the graph's own weights, the tensors only
+    pointing at them, so that the proto never holds every float weight at once (Python's protobuf
+    frees a message's bytes only with the message: see blip3v.calibration.graph.session)."""
+
+    def __init__(self, directory: str):
+        fd, path = tempfile.mkstemp(prefix=".blip3v-awq-", suffix=".data", dir=directory)
+        self.path, self.file, self.offset = Path(path), os.fdopen(fd, "wb"), 0
+
+    def put(self, values: np.ndarray, name: str) -> onnx.TensorProto:
+        data = np.ascontiguousarray(values).tobytes()
+        self.file.write(data)
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
+                                  dims=values.shape)
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()  # (onnx's set_external_data wants the bytes in raw_data first)
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        self.offset += len(data)
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 # Ops whose output 0 is multiplied by a per-channel weight (input index; None: any): where 1/s folds.
@@ -243,10 +276,11 @@ def _fold(g: _Graph, target: onnx.NodeProto, s: np.ndarray, new_nodes: dict[str,
     return "mul"
 
 
-def apply_awq(model: onnx.ModelProto, scales: dict[str, np.ndarray], base_dir: str = "") -> dict[str, int]:
+def apply_awq(model: onnx.ModelProto, scales: dict[str, np.ndarray], base_dir: str = "",
+              spill: _Spill | None = None) -> dict[str, int]:
     """In place: each named MatMul's weight rows times s, its input divided by s (folded where it
     can be). -> {"folded": into norms, "folded_into_matmul": into columns, "mul_nodes": Muls added}."""
-    g = _Graph(model, base_dir)
+    g = _Graph(model, base_dir, spill)
     counts = {"norm": 0, "columns": 0, "mul": 0}
     muls: dict[str, onnx.NodeProto] = {}
     for node in list(model.graph.node):
@@ -316,9 +350,22 @@ def quantize_decoder(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         per_layer.append(row)
         log(f"    [{len(per_layer)}/{len(targets)}] {t.name} {w.shape[0]}x{w.shape[1]}: relative output error "
             f"rtn {rtn:.2e}, {method} {row[f'{method}_rel_error']:.2e}")
-    counts = apply_awq(work, scales, base)
-    if base:  # the weights AWQ left alone, read in once for the packer
-        load_external_data_for_model(work, base)
     report = {"scheme": scheme, "method": method, "block_size": block_size, "accuracy_level": accuracy_level,
-              "layers": len(targets), "per_layer": per_layer, **counts}
-    return pack(work, [t.name for t in targets], bits, block_size, accuracy_level), report
+              "layers": len(targets), "per_layer": per_layer}
+    if not base:
+        report.update(apply_awq(work, scales))
+        return pack(work, [t.name for t in targets], bits, block_size, accuracy_level), report
+    # Weights on disk: the scaled ones go to a spill file beside them, ORT's packer reads each
+    # weight from disk as it reaches it (it reads external data relative to the working directory),
+    # and only what stays float is read into the proto at the end.
+    spill = _Spill(base)
+    try:
+        spill.file.flush()
+        report.update(apply_awq(work, scales, base, spill))
+        spill.file.close()
+        with contextlib.chdir(base):
+            packed = pack(work, [t.name for t in targets], bits, block_size, accuracy_level)
+            load_external_data_for_model(packed, ".")
+    finally:
+        spill.close()
+    return packed, report

@@ -231,7 +231,8 @@ def test_large_model_path_keeps_one_copy_and_the_model_unchanged(monkeypatch):
 
 def test_decoder_quantized_from_weights_left_on_disk_is_the_same(tmp_path):
     """quantize_decoder on a graph loaded without its weights (read from base_dir one at a time,
-    held once) gives the same packed graph as on the graph loaded whole."""
+    the scaled ones spilled to a scratch file there and packed from disk) gives the same packed
+    graph as on the graph loaded whole."""
     from blip3v.calibration.graph import on_disk, session
     from blip3v.calibration.weight_only import quantize_decoder
 
@@ -259,6 +260,7 @@ def test_decoder_quantized_from_weights_left_on_disk_is_the_same(tmp_path):
     assert on_disk(lazy) == {"decoder.onnx.data"}
     parted, report2 = quantize_decoder(lazy, feeds, "int4", "awq", 32, in_place=True, base_dir=tmp_path)
     assert report2 == report and on_disk(parted) == set()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]  # no scratch left
     assert [nd.op_type for nd in parted.graph.node] == [nd.op_type for nd in whole.graph.node]
     x = feeds[0]["x"]
     np.testing.assert_array_equal(session(parted).run(["y"], {"x": x})[0], session(whole).run(["y"], {"x": x})[0])

@@ -261,6 +261,7 @@ class Worker:
         with self.metrics.lock:
             self.metrics.tokens.update(prompt=answer.prompt_tokens, completion=len(answer.token_ids),
                                        reused=answer.reused_tokens)
+        self._snapshot()  # before the answer leaves: a client reading /metrics next sees this request in it
         job.emit("done", answer)
 
 

@@ -23,7 +23,6 @@ asking a question every 1,000 frames, and records the resident set size (VmRSS) 
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -82,11 +81,10 @@ def memory_run(engine, frames: int, size: int, log: Callable[[str], None], seed:
 def run_live_bench(engine_dir: str | Path | None = None, model: str = "demo", layers: int = 2,
                    video: str | Path | None = None, repeats: int = 3, new_tokens: int = 8, memory_frames: int = 0,
                    log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    from blip3v.benchmarks.bench_session import export_for, ttft
+    from blip3v.benchmarks.bench_session import engine_to_time, ttft
     from blip3v.benchmarks.common import device, versions
     from blip3v.runtime.generation import SamplingConfig
     from blip3v.runtime.live import LiveSession
-    from blip3v.runtime.ort_backend import OrtBackend
     from blip3v.runtime.session import Engine
     from blip3v.runtime.video import read_frames
 
@@ -94,11 +92,7 @@ def run_live_bench(engine_dir: str | Path | None = None, model: str = "demo", la
         from blip3v.assets import SAMPLE_CLIP
 
         video = SAMPLE_CLIP
-    with tempfile.TemporaryDirectory(prefix="blip3v-bench-live-") as tmp:
-        what = str(engine_dir)
-        if engine_dir is None:
-            engine_dir, what = export_for(model, layers, Path(tmp), log)
-        host = OrtBackend.load(engine_dir)
+    with engine_to_time(engine_dir, model, layers, log, "blip3v-bench-live-") as (host, what):
         engine = Engine(host)
         sampling = SamplingConfig(max_new_tokens=new_tokens)
         t = host.num_frames

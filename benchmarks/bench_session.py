@@ -19,8 +19,9 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from blip3v.errors import InputError
 
@@ -56,23 +57,32 @@ def export_for(model: str, layers: int, workdir: Path, log: Callable[[str], None
     return out, what
 
 
+@contextmanager
+def engine_to_time(engine_dir: str | Path | None, model: str, layers: int, log: Callable[[str], None],
+                   prefix: str) -> Iterator[tuple[Any, str]]:
+    """-> (OrtBackend, what it is): `engine_dir`, or the `model` exported into a temporary folder
+    that lasts as long as the benchmark."""
+    from blip3v.runtime.ort_backend import OrtBackend
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        what = str(engine_dir)
+        if engine_dir is None:
+            engine_dir, what = export_for(model, layers, Path(tmp), log)
+        yield OrtBackend.load(engine_dir), what
+
+
 def run_session_bench(engine_dir: str | Path | None = None, model: str = "demo", layers: int = 2,
                       video: str | Path | None = None, repeats: int = 5, new_tokens: int = 8,
                       log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     from blip3v.benchmarks.common import device, versions
     from blip3v.runtime.generation import SamplingConfig
-    from blip3v.runtime.ort_backend import OrtBackend
     from blip3v.runtime.session import Engine
 
     if video is None:
         from blip3v.assets import SAMPLE_CLIP
 
         video = SAMPLE_CLIP
-    with tempfile.TemporaryDirectory(prefix="blip3v-bench-session-") as tmp:
-        what = str(engine_dir)
-        if engine_dir is None:
-            engine_dir, what = export_for(model, layers, Path(tmp), log)
-        host = OrtBackend.load(engine_dir)
+    with engine_to_time(engine_dir, model, layers, log, "blip3v-bench-session-") as (host, what):
         sampling = SamplingConfig(max_new_tokens=new_tokens)
         first: list[float] = []
         follow: list[float] = []

@@ -87,3 +87,19 @@ def demo_engine(tmp_path_factory) -> Path:
     proc = run_cli("export", "--model", DEMO_MODEL, "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def ort_engine(demo_engine):
+    """A session Engine on the demo engine (ONNX Runtime), one per test module (its clip cache too)."""
+    from blip3v.runtime.session import Engine
+
+    return Engine.open(engine=demo_engine)
+
+
+def held_out(tmp_path_factory, n: int) -> list[dict]:
+    """n synthetic QA rows of seed 1 (clips the demo model was not trained on), written per call."""
+    from blip3v.data.synth import read_dataset, write_dataset
+
+    folder = write_dataset(tmp_path_factory.mktemp("held-out") / "val", n=n, seed=1, progress=False)
+    return read_dataset(folder)

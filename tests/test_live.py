@@ -36,7 +36,7 @@ from blip3v.runtime.generation import SamplingConfig
 from blip3v.runtime.live import (FrameQueue, FrameSampler, LatentRing, LiveSession, Source, SourceOptions,
                                  StreamClock)
 from blip3v.runtime.session import Engine
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, held_out, run_cli
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
 QUESTION = "what colour does the square turn?"
@@ -45,21 +45,9 @@ needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg binar
                                                          "(apt-get install -y ffmpeg)")
 
 
-def held_out(tmp_path_factory, n: int) -> list[dict]:
-    from blip3v.data.synth import read_dataset, write_dataset
-
-    folder = write_dataset(tmp_path_factory.mktemp("live-held-out") / "val", n=n, seed=1, progress=False)
-    return read_dataset(folder)
-
-
 @pytest.fixture(scope="module")
 def clips10(tmp_path_factory) -> list[dict]:
     return held_out(tmp_path_factory, 10)
-
-
-@pytest.fixture(scope="module")
-def ort_engine(demo_engine) -> Engine:
-    return Engine.open(engine=demo_engine)
 
 
 # ----------------------------------------------------------------------------------- split graphs

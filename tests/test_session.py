@@ -24,27 +24,15 @@ from blip3v.errors import InputError
 from blip3v.runtime.decoding import generate, prefill
 from blip3v.runtime.generation import SamplingConfig
 from blip3v.runtime.session import Engine
-from conftest import run_cli
+from conftest import held_out, run_cli
 
 QUESTIONS = ("what colour is the circle?", "how many shapes are there?", "which way does the square move?")
 SAMPLING = SamplingConfig(max_new_tokens=8)
 
 
-def held_out(tmp_path_factory, n: int) -> list[dict]:
-    from blip3v.data.synth import read_dataset, write_dataset
-
-    folder = write_dataset(tmp_path_factory.mktemp("held-out") / "val", n=n, seed=1, progress=False)
-    return read_dataset(folder)
-
-
 @pytest.fixture(scope="module")
 def clips12(tmp_path_factory) -> list[dict]:
     return held_out(tmp_path_factory, 12)
-
-
-@pytest.fixture(scope="module")
-def ort_engine(demo_engine) -> Engine:
-    return Engine.open(engine=demo_engine)
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,9 @@ def _answers(engine: Path, data: Path) -> dict[str, Any]:
     from blip3v.runtime.ort_backend import OrtBackend
     from blip3v.runtime.session import Engine
 
-    # the next clips decode beside the engine (evaluate's prefetch): its threads must not spin
-    return evaluate(Engine(OrtBackend.load(engine, spinning=False)), data, batch_size=16, progress=False)
+    # clips decode (and encode, in evaluate's workers) beside the engine: its threads must not spin
+    return evaluate(Engine(OrtBackend.load(engine, spinning=False, parallel_clips=True)), data, batch_size=16,
+                    progress=False)
 
 
 def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -17,9 +17,14 @@ from blip3v.data.synth import normalise_answer, read_dataset
 from blip3v.runtime.generation import SamplingConfig
 
 
-def _clips(backend, paths: list[str], depth: int):
+def _clips(backend, paths: list[str], depth: int, encode_workers: int = 0):
     """Each clip's pixels in order, the next ones decoding in a background thread while the
-    current batch runs (blip3v.runtime.video.prefetch_clips); a clip that cannot be read raises."""
+    current batch runs (blip3v.runtime.video.prefetch_clips); a clip that cannot be read raises.
+
+    With `encode_workers` (an engine opened with `parallel_clips`, see blip3v.runtime.ort_backend)
+    that many threads each read a clip and run the visual graph on it, and what comes out is each
+    clip's video tokens (1, M, D) instead: decoding and encoding then fill every core, where one
+    decoding thread beside a batched visual graph left part of a core idle."""
     host = getattr(backend, "host", None)
     if host is None:  # a bare backend: no prefetch
         for path in paths:
@@ -27,11 +32,15 @@ def _clips(backend, paths: list[str], depth: int):
         return
     from blip3v.runtime.video import prefetch_clips
 
-    for _, pixels in prefetch_clips(paths, host.num_frames, host.image_size, host.image_mean, host.image_std,
-                                    depth=depth, **getattr(host, "video_options", {})):
-        if isinstance(pixels, Exception):
-            raise pixels
-        yield pixels
+    parallel = {}
+    if encode_workers:
+        parallel = {"workers": encode_workers, "then": lambda pixels: host.encode_video(pixels[None])}
+        depth = max(depth, 2 * encode_workers)
+    for _, item in prefetch_clips(paths, host.num_frames, host.image_size, host.image_mean, host.image_std,
+                                  depth=depth, **parallel, **getattr(host, "video_options", {})):
+        if isinstance(item, Exception):
+            raise item
+        yield item
 
 
 def evaluate(backend, data_dir: str | Path, batch_size: int = 16, limit: int | None = None,
@@ -44,11 +53,17 @@ def evaluate(backend, data_dir: str | Path, batch_size: int = 16, limit: int | N
     t0 = time.perf_counter()
     predictions = []
     bar = tqdm(total=len(rows), disable=not progress, desc="eval", unit="clip")
-    clips = _clips(backend, [r["path"] for r in rows], depth=2 * batch_size)
+    workers = int(getattr(getattr(backend, "host", None), "encode_workers", 0) or 0)
+    clips = _clips(backend, [r["path"] for r in rows], depth=2 * batch_size, encode_workers=workers)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        pixels = np.stack([next(clips) for _ in chunk])  # (B, T, 3, S, S)
-        outputs = backend.answer_batch(pixels, [r["question"] for r in chunk], sampling)
+        questions = [r["question"] for r in chunk]
+        if workers:  # encoded by the workers
+            video = np.concatenate([next(clips) for _ in chunk])  # (B, M, D)
+            outputs = backend.answer_encoded(video, questions, sampling)
+        else:
+            pixels = np.stack([next(clips) for _ in chunk])  # (B, T, 3, S, S)
+            outputs = backend.answer_batch(pixels, questions, sampling)
         for r, ids in zip(chunk, outputs):
             predictions.append({"video": r["video"], "question": r["question"], "category": r["category"],
                                 "answer": r["answer"], "prediction": backend.decode(ids)})

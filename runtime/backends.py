@@ -23,14 +23,16 @@ def _say(note: str) -> None:
 
 def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
               backend: str | None = None, device: str = "cpu", revision: str | None = None,
-              spinning: bool = True, **options: Any) -> Any:
+              spinning: bool = True, parallel_clips: bool = False, **options: Any) -> Any:
     """--model / --engine / --backend -> a backend object (a "host" of blip3v.runtime.session).
     No --model, --engine or --backend: the shipped demo engine on ONNX Runtime (torch-free; the
     demo model exported), or the demo model on PyTorch when a PyTorch-only option is set; the choice
     is said on stderr at a terminal. `model` may be a
     Hub id ORG/NAME (at `revision`), resolved by blip3v.model.hub; `device` "auto" picks cuda where
     the chosen backend can use it, else cpu. `spinning=False` keeps ONNX Runtime's idle threads from
-    busy-waiting, for commands that decode video beside the engine (eval, batch, live)."""
+    busy-waiting, for commands that decode video beside the engine (eval, batch, live);
+    `parallel_clips=True` lets several threads encode clips side by side on an ONNX Runtime CPU
+    engine (OrtBackend; other backends ignore it)."""
     if model is not None and not str(model).strip():
         raise InputError("--model is empty: give a checkpoint directory (or leave it out for the demo model)")
     if engine is not None and not str(engine).strip():
@@ -76,7 +78,7 @@ def open_host(model: str | os.PathLike | None = None, engine: str | os.PathLike 
     if backend == "onnxruntime":
         from blip3v.runtime.ort_backend import OrtBackend
 
-        return OrtBackend.load(engine, device=device, spinning=spinning)
+        return OrtBackend.load(engine, device=device, spinning=spinning, parallel_clips=parallel_clips)
     from blip3v.runtime.trt_backend import TrtBackend
 
     return TrtBackend.load(engine)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from blip3v.cpus import usable_cores
 from blip3v.errors import EngineError, InputError
 from blip3v.runtime.decoding import KVCache
 from blip3v.runtime.host import EngineHost
@@ -40,6 +41,7 @@ PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 MAX_BATCH = 16  # largest batch a TensorRT profile covers (CPU/CUDA take any batch)
+MAX_ENCODE_WORKERS = 8  # clips encoding side by side with parallel_clips (each holds its activations)
 PACKAGE_HINT = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built with TensorRT)"}
 
 
@@ -122,8 +124,8 @@ def create_session(path: str | Path, options: ort.SessionOptions, providers: Seq
 
 
 def _open_session(path: Path, providers: list[str], options_by_provider: dict[str, dict] | None = None,
-                  spinning: bool = True) -> ort.InferenceSession:
-    options = session_options(providers, spinning=spinning)
+                  spinning: bool = True, threads: int | None = None) -> ort.InferenceSession:
+    options = session_options(providers, threads=threads, spinning=spinning)
     provider_options = [dict((options_by_provider or {}).get(p, {})) for p in providers]
     try:
         return create_session(path, options, providers, provider_options)
@@ -135,8 +137,14 @@ def _open_session(path: Path, providers: list[str], options_by_provider: dict[st
 class OrtBackend(EngineHost):
     """Engine directory -> answers on ONNX Runtime. Same methods as `TorchBackend`."""
 
-    def __init__(self, manifest: Manifest, device: str = "cpu", spinning: bool = True):
-        """`spinning=False` when the process runs other work beside the engine (session_options)."""
+    def __init__(self, manifest: Manifest, device: str = "cpu", spinning: bool = True, parallel_clips: bool = False):
+        """`spinning=False` when the process runs other work beside the engine (session_options).
+        `parallel_clips=True` (the CPU only; ignored elsewhere) is for throughput over many clips:
+        the visual graph runs on the calling thread alone, so `encode_workers` threads each encode
+        their own clip side by side (ONNX Runtime sessions take concurrent runs). Per clip that
+        costs less CPU than one clip spread over every core: on the dev box's 2 cores the demo
+        engine's visual graph took 7.0 ms of CPU per clip on one thread and 10.1 ms on two, where
+        the small ops leave the second thread waiting (benchmarks/RESULTS.md, video input)."""
         self._read_manifest(manifest)
         self.device = device
         self.spinning = spinning
@@ -144,10 +152,14 @@ class OrtBackend(EngineHost):
         self.max_context = int(manifest.model["max_context"])
         self.num_layers = int(manifest.model["num_layers"])
         self.dtype = self.embed_dtype = np.dtype(manifest["dtype"])
+        parallel = parallel_clips and device == "cpu"
+        # One thread per clip, and one more than the cores: a thread whose decoding waits on the GIL
+        # leaves its core to another clip's visual graph. Capped: each holds its activations.
+        self.encode_workers = min(MAX_ENCODE_WORKERS, usable_cores() + 1) if parallel else 0
 
         trt = "TensorrtExecutionProvider"
         self.visual = _open_session(manifest.path("visual"), providers, {trt: tensorrt_profiles(manifest, "visual")},
-                                    spinning)
+                                    spinning, threads=1 if parallel else None)
         self.decoder = _open_session(manifest.path("decoder"), providers, {trt: tensorrt_profiles(manifest, "decoder")},
                                      spinning)
         self.past_names = [n for pair in zip(manifest.kv_names("past_key"), manifest.kv_names("past_value")) for n in pair]
@@ -165,8 +177,8 @@ class OrtBackend(EngineHost):
 
     @classmethod
     def load(cls, engine_dir: str | Path, device: str = "cpu", verify_hashes: bool = True,
-             spinning: bool = True) -> OrtBackend:
-        return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device, spinning)
+             spinning: bool = True, parallel_clips: bool = False) -> OrtBackend:
+        return cls(load_manifest(engine_dir, verify_hashes=verify_hashes), device, spinning, parallel_clips)
 
     # -- the visual path -------------------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -242,6 +242,14 @@ class Engine:
         question per clip -> new token ids per row; left-padded rows, `max_batch` rows per call."""
         return answer_batch(self.host, pixel_values, questions, sampling, on_token, timings)
 
+    def answer_encoded(self, video: Any, questions: list[str], sampling: SamplingConfig,
+                       on_token: Callable[[int, int], bool | None] | None = None,
+                       timings: dict[str, float] | None = None) -> list[list[int]]:
+        """`answer_batch` for clips already through the visual graph: video (B, M, D) from
+        `host.encode_video`, encoded elsewhere (eval's workers encode clip by clip, see
+        `encode_workers` in blip3v.runtime.ort_backend)."""
+        return answer_encoded(self.host, video, questions, sampling, on_token, timings)
+
     def decode(self, ids: list[int]) -> str:
         return self.host.decode(ids)
 
@@ -273,6 +281,20 @@ def answer_batch(host: Any, pixel_values: np.ndarray, questions: list[str], samp
         raise InputError(f"{len(questions)} questions for {len(pixel_values)} clips")
     t0 = time.perf_counter()
     video = host.encode_video(pixel_values)  # (B, M, D)
+    visual_ms = (time.perf_counter() - t0) * 1e3
+    out = answer_encoded(host, video, questions, sampling, on_token, timings)
+    if timings is not None:
+        timings["visual"] = visual_ms
+    return out
+
+
+def answer_encoded(host: Any, video: Any, questions: list[str], sampling: SamplingConfig,
+                   on_token: Callable[[int, int], bool | None] | None = None,
+                   timings: dict[str, float] | None = None) -> list[list[int]]:
+    """See Engine.answer_encoded: the decoder half of `answer_batch` (`timings` gets "visual" 0.0)."""
+    sampling.validate()
+    if len(questions) != len(video):
+        raise InputError(f"{len(questions)} questions for {len(video)} clips")
     t1 = time.perf_counter()
     chunk = getattr(host, "max_batch", None) or max(1, len(questions))
     out: list[list[int]] = []
@@ -283,7 +305,7 @@ def answer_batch(host: Any, pixel_values: np.ndarray, questions: list[str], samp
         report = on_token if on_token is None or not start else (lambda r, t, s=start: on_token(r + s, t))
         out += generate(host, embeds, mask, sampling, host.stop_ids, report, first if not start else None)
     if timings is not None:
-        timings["visual"] = (t1 - t0) * 1e3
+        timings["visual"] = 0.0
         timings["prefill"] = first.get("prefill", 0.0)
         timings["generate"] = (time.perf_counter() - t1) * 1e3
     return out

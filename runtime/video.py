@@ -88,16 +88,18 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import chain
+from typing import Any
 
 import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blip3v.cpus import usable_cores
 from blip3v.errors import InputError
 
 # Official xGen-MM-Vid inference script: frames at linspace(4, N - 4, T) over the decoded frames.
@@ -297,14 +299,17 @@ def prefetch_clips(
     *,
     depth: int = 2,
     workers: int = 1,
+    then: Callable[[np.ndarray], Any] | None = None,
     **options,
-) -> Iterator[tuple[str | os.PathLike[str], np.ndarray | InputError]]:
+) -> Iterator[tuple[str | os.PathLike[str], Any]]:
     """`(path, load_clip(path, ...))` for each path in order, decoding ahead in background threads.
 
     Up to `depth` clips beyond the one handed out are read by `workers` threads while the caller
     computes (PyAV and Pillow release the GIL while they work), so at most `depth + 1` clips of
     pixels are held. A clip that cannot be read yields its `InputError` in place of the pixels;
     anything else raised (a bad option) is raised here. `options` are `load_clip`'s keywords.
+    `then`, if given, runs on each clip's pixels in the worker that read them, and what it returns
+    is yielded instead (eval's workers run the visual graph there); what it raises is raised here.
     Leaving the loop early cancels the clips not yet started and waits for those running.
     """
     if depth < 1 or workers < 1:
@@ -315,9 +320,10 @@ def prefetch_clips(
 
     def one(path):
         try:
-            return load_clip(path, num_frames, image_size, mean, std, **options)
+            pixels = load_clip(path, num_frames, image_size, mean, std, **options)
         except InputError as e:
             return e
+        return pixels if then is None else then(pixels)
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blip3v-video")
     pending: deque = deque()
@@ -1042,10 +1048,7 @@ def _gop_workers(stream) -> int:
         return 1
     if GOP_WORKERS is not None:
         return GOP_WORKERS
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 class _Reader:

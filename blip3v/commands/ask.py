@@ -114,9 +114,9 @@ def model_options(f):
 
 
 def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128",
-                revision=None, spinning=True):
+                revision=None, spinning=True, parallel_clips=False):
     """--model/--engine/--backend -> a blip3v.runtime.session.Engine. `revision` defaults to the
-    command line's --revision; `spinning` as in blip3v.runtime.backends.open_host."""
+    command line's --revision; `spinning` and `parallel_clips` as in blip3v.runtime.backends.open_host."""
     from blip3v.runtime.backends import open_host
     from blip3v.runtime.session import Engine
 
@@ -124,7 +124,8 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
         ctx = click.get_current_context(silent=True)
         revision = ctx.meta.get(REVISION_KEY) if ctx is not None else None
     options = {"dtype": dtype, "decoder": decoder, "weights": weights, "group_size": group_size}
-    host = open_host(model, engine, backend, device, revision=revision, spinning=spinning, **options)
+    host = open_host(model, engine, backend, device, revision=revision, spinning=spinning,
+                     parallel_clips=parallel_clips, **options)
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.meta.get(VIDEO_KEY):
         host.video_options = dict(ctx.meta[VIDEO_KEY])
@@ -133,8 +134,10 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
 
 def open_backend(model, engine, backend, device, dtype=None, decoder="auto", weights="dense", group_size="128"):
     """The Engine, for commands (eval) that take `load_video` / `answer_batch` / `decode`; the next
-    clips decode beside it, so ONNX Runtime's threads do not spin."""
-    return open_engine(model, engine, backend, device, dtype, decoder, weights, group_size, spinning=False)
+    clips decode beside it, so ONNX Runtime's threads do not spin, and on an ONNX Runtime CPU engine
+    several clips decode and encode side by side (`parallel_clips`)."""
+    return open_engine(model, engine, backend, device, dtype, decoder, weights, group_size, spinning=False,
+                       parallel_clips=True)
 
 
 def check_video_arg(video: Path) -> None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import CliJob, assert_one_line_error, head_start, in_background, run_cli, run_clis
 
 
 def _positive(x) -> bool:
@@ -52,10 +53,21 @@ def test_bench_budget_torch_every_budget(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_budget_onnxruntime(tmp_path):
+@head_start("budget_onnxruntime")
+def _budget_onnxruntime_job(request) -> CliJob:
+    """The onnxruntime budget bench exports an engine first (most of its time): it starts with the session."""
+    return in_background(CliJob("bench", "budget", "--backend", "onnxruntime", "--budgets", "32,raw", "--repeats",
+                                "2", "--warmup", "0", "--new-tokens", "3", "--threads", "1", "--json", "--quiet"))
+
+
+@pytest.fixture(scope="module")
+def budget_onnxruntime(request) -> subprocess.CompletedProcess:
     pytest.importorskip("onnxscript")
-    proc = run_cli("bench", "budget", "--backend", "onnxruntime", "--budgets", "32,raw", "--repeats", "2",
-                   "--warmup", "0", "--new-tokens", "3", "--threads", "1", "--json", "--quiet", timeout=600)
+    return _budget_onnxruntime_job(request).result()
+
+
+def test_bench_budget_onnxruntime(budget_onnxruntime):
+    proc = budget_onnxruntime
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     _check_budget_json(result, ["32", "raw"], {"video", "visual", "prefill", "decode"})
@@ -72,9 +84,21 @@ def test_bench_budget_bad_input(args, fragment):
     assert_one_line_error(run_cli("bench", "budget", "--quiet", *args), fragment)
 
 
-def test_bench_decode_json_and_ratios():
-    proc = run_cli("bench", "decode", "--size", "tiny", "--layers", "1", "--prompt-tokens", "8", "--new-tokens", "4",
-                   "--repeats", "1", "--precision", "fp32", "--threads", "1", "--json", "--quiet", timeout=600)
+@head_start("decode_tiny")
+def _decode_tiny_job(request) -> CliJob:
+    """bench decode exports two ONNX decoders and runs four systems: it starts with the session too."""
+    return in_background(CliJob("bench", "decode", "--size", "tiny", "--layers", "1", "--prompt-tokens", "8",
+                                "--new-tokens", "4", "--repeats", "1", "--precision", "fp32", "--threads", "1",
+                                "--json", "--quiet"))
+
+
+@pytest.fixture(scope="module")
+def decode_tiny(request) -> subprocess.CompletedProcess:
+    return _decode_tiny_job(request).result()
+
+
+def test_bench_decode_json_and_ratios(decode_tiny):
+    proc = decode_tiny
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     names = {(s["name"], s["variant"]) for s in result["systems"]}
@@ -111,15 +135,17 @@ def test_bench_decode_on_a_written_lm(tmp_path):
 
 def test_bench_decode_bad_lm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert_one_line_error(run_cli("bench", "decode", "--lm", str(tmp_path), "--quiet"), "phi3")
-    assert_one_line_error(run_cli("bench", "decode", "--lm", str(tmp_path / "none"), "--quiet"), "config.json")
-    assert_one_line_error(run_cli("bench", "decode", "--backend", "tvm"), "tvm")
+    llama, missing, tvm = run_clis(("bench", "decode", "--lm", tmp_path, "--quiet"),
+                                   ("bench", "decode", "--lm", tmp_path / "none", "--quiet"),
+                                   ("bench", "decode", "--backend", "tvm"))
+    assert_one_line_error(llama, "phi3")
+    assert_one_line_error(missing, "config.json")
+    assert_one_line_error(tvm, "tvm")
 
 
 @pytest.mark.parametrize("script", ["ablation.py", "token_probe.py", "awq_first_tokens.py"])
 def test_study_scripts_explain_themselves(script):
     """The scripts behind RESULTS.md's study figures import and document their command line."""
-    import subprocess
     import sys
     from pathlib import Path
 

@@ -27,19 +27,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_clis
 
 pytest.importorskip("onnxscript")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Path:
-    from blip3v.assets import DEMO_MODEL
-
-    out = tmp_path_factory.mktemp("calib-engines") / "fp32"
-    done = run_cli("export", "--model", str(DEMO_MODEL), "--out", str(out), "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+def engine(demo_engine) -> Path:
+    """The session's fp32 export of the demo model (conftest): only read here, every calibration
+    writes a new engine directory."""
+    return demo_engine
 
 
 @pytest.fixture(scope="module")
@@ -427,17 +424,16 @@ def test_calibrate_bad_input(engine, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
-    assert_one_line_error(run_cli("calibrate", "--engine", str(engine), "--out", str(out), "--videos", str(empty)),
-                          "no videos")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
-    assert_one_line_error(run_cli("calibrate", "--engine", str(engine), "--out", str(out), "--videos", str(broken)),
-                          "clip.mp4")
-    assert_one_line_error(run_cli("calibrate", "--engine", str(engine), "--out", str(out), "--visual", "fp16"),
-                          "fp16")
-    assert_one_line_error(run_cli("calibrate", "--engine", str(engine), "--out", str(engine)), "new directory")
-    assert_one_line_error(run_cli("calibrate", "--engine", str(tmp_path / "nope"), "--out", str(out)), "nope")
+    cases = [(("--engine", engine, "--out", out, "--videos", empty), "no videos"),
+             (("--engine", engine, "--out", out, "--videos", broken), "clip.mp4"),
+             (("--engine", engine, "--out", out, "--visual", "fp16"), "fp16"),
+             (("--engine", engine, "--out", engine), "new directory"),
+             (("--engine", tmp_path / "nope", "--out", out), "nope")]
+    for proc, (_, fragment) in zip(run_clis(*(("calibrate", *args) for args, _ in cases)), cases):
+        assert_one_line_error(proc, fragment)
     assert not out.exists()
 
 

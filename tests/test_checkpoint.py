@@ -238,18 +238,19 @@ def test_all_zero_checkpoint_fails_to_load(tiny_ckpt, tmp_path):
 
 
 def test_cli_nan_and_int8_weights_are_one_line_errors(tiny_ckpt, tmp_path):
-    from conftest import ROOT, assert_one_line_error, run_cli
+    from conftest import ROOT, assert_one_line_error, run_clis
 
     clip = ROOT / "blip3v" / "assets" / "sample.mp4"
     nan = _copy(tiny_ckpt, tmp_path / "nan")
     _rewrite_shard(nan, lambda t: t.update({"vlm.vision_tokenizer.latents":
                                             torch.full_like(t["vlm.vision_tokenizer.latents"], float("nan"))}))
-    assert_one_line_error(run_cli("ask", clip, "what happens?", "--model", nan), "vlm.vision_tokenizer.latents",
-                          "entirely NaN/Inf")
     int8 = _copy(tiny_ckpt, tmp_path / "int8")
     _rewrite_shard(int8, lambda t: t.update({"vlm.vision_tokenizer.latents":
                                              t["vlm.vision_tokenizer.latents"].to(torch.int8)}))
-    assert_one_line_error(run_cli("ask", clip, "what happens?", "--model", int8), "vlm.vision_tokenizer.latents I8")
+    nan_run, int8_run = run_clis(("ask", clip, "what happens?", "--model", nan),
+                                 ("ask", clip, "what happens?", "--model", int8))
+    assert_one_line_error(nan_run, "vlm.vision_tokenizer.latents", "entirely NaN/Inf")
+    assert_one_line_error(int8_run, "vlm.vision_tokenizer.latents I8")
 
 
 # -- the authors' temporal-module names ------------------------------------------------------
@@ -273,15 +274,14 @@ def test_authors_temporal_names_load_and_inspect_reports_them(tiny_ckpt, tmp_pat
 
 
 def test_inspect_reports_renamed_keys(tiny_ckpt, tmp_path):
-    from conftest import run_cli
+    from conftest import run_clis
 
     ckpt = _copy(tiny_ckpt, tmp_path / "c")
     gttm = _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.ttm_unit.", ".gttm.ttm_unit."))
     tts = _rename_all(ckpt, lambda k: k.replace(".temporal_encoder.", ".tts."))
-    proc = run_cli("inspect", ckpt, "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["renamed_keys"] == {"gttm": gttm, "tts": tts}
-    proc = run_cli("inspect", ckpt)
+    as_json, proc = run_clis(("inspect", ckpt, "--json"), ("inspect", ckpt))
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["renamed_keys"] == {"gttm": gttm, "tts": tts}
     assert proc.returncode == 0, proc.stderr
     assert f"keys loaded as .temporal_encoder.: {gttm:,} named .gttm., {tts:,} named .tts." in proc.stdout
 

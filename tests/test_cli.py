@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_clis
 
 
 def test_inspect_full_preset_json():
@@ -68,8 +68,8 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, synth_dir, tmp_path):
         (("inspect", "no-such-preset"), "unknown preset"),
         (("ask", clip, "q", "--backend", "onnxruntime"), "--engine"),
     ]
-    for args, fragment in cases:
-        assert_one_line_error(run_cli(*args), fragment)
+    for proc, (_, fragment) in zip(run_clis(*(args for args, _ in cases)), cases):
+        assert_one_line_error(proc, fragment)
 
 
 def test_corrupt_checkpoint_is_one_line_error(tiny_ckpt, synth_dir, tmp_path):

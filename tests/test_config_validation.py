@@ -18,7 +18,7 @@ import pytest
 from blip3v.errors import CheckpointError
 from blip3v.model.checkpoint import INDEX_NAME, build_meta_model, load_checkpoint
 from blip3v.model.config import XGenMMConfig
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli, run_clis
 
 SAMPLE_CLIP = ROOT / "blip3v" / "assets" / "sample.mp4"
 
@@ -288,18 +288,19 @@ def test_cli_absurd_frame_count_fails_fast(tiny_ckpt, tmp_path):
     before the model or the clip reader exist (a hang would trip run_cli's timeout)."""
     ckpt = _copy(tiny_ckpt, tmp_path / "c")
     _edit_json(ckpt / "config.json", _set("video_config.num_frames", 1_000_000_000))
-    assert_one_line_error(run_cli("ask", SAMPLE_CLIP, "what happens?", "--model", ckpt, timeout=120),
-                          "config.json", "video_config.num_frames", "1..256")
-    assert_one_line_error(run_cli("inspect", ckpt, timeout=120), "video_config.num_frames")
+    ask, inspect = run_clis(("ask", SAMPLE_CLIP, "what happens?", "--model", ckpt), ("inspect", ckpt), timeout=120)
+    assert_one_line_error(ask, "config.json", "video_config.num_frames", "1..256")
+    assert_one_line_error(inspect, "video_config.num_frames")
 
 
 def test_cli_binary_index_and_bad_template(tiny_ckpt, tmp_path):
     ckpt = _copy(tiny_ckpt, tmp_path / "c")
     (ckpt / INDEX_NAME).write_bytes(b"\x89PNG\r\n\x1a\n\xff\xff")
-    assert_one_line_error(run_cli("inspect", ckpt, "--json"), INDEX_NAME, "not UTF-8")
     ckpt2 = _copy(tiny_ckpt, tmp_path / "c2")
     _edit_json(ckpt2 / "config.json", _set("prompt_template", "{question} {user}"))
-    assert_one_line_error(run_cli("ask", SAMPLE_CLIP, "what happens?", "--model", ckpt2), "prompt_template", "{user}")
+    inspect, ask = run_clis(("inspect", ckpt, "--json"), ("ask", SAMPLE_CLIP, "what happens?", "--model", ckpt2))
+    assert_one_line_error(inspect, INDEX_NAME, "not UTF-8")
+    assert_one_line_error(ask, "prompt_template", "{user}")
 
 
 def test_cli_empty_model_is_an_error_not_the_demo_model(tmp_path):

@@ -15,11 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, make_tiny_checkpoint, run_cli
+from conftest import CliJob, assert_one_line_error, head_start, in_background, make_tiny_checkpoint, run_cli
 
 REPO = "blip3v-test/tiny-gttm"
 MAIN = hashlib.sha1(b"main commit").hexdigest()  # commits are 40 hex digits
@@ -54,18 +55,23 @@ def add_snapshot(cache: Path, repo_id: str, files_from: Path, commit: str, refs:
     return snapshot
 
 
-@pytest.fixture(scope="module")
-def hub_cache(tiny_ckpt, tmp_path_factory) -> Path:
+@head_start("hub_cache")
+def _hub_cache(request) -> Path:
     """main: the session's tiny gttm checkpoint (16 video tokens); ref v2: a `tl` model with 2 video
     tokens, so which snapshot answered shows in `video_tokens`. Also the authors' extra files,
-    which resolution must not need."""
-    root = tmp_path_factory.mktemp("hub")
+    which resolution must not need. Made once, at the session's start (the export below reads it)."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("hub")
     cache = root / "hub-cache"
-    add_snapshot(cache, REPO, tiny_ckpt, MAIN, extra={"README.md": b"# model card\n",
-                                                      "modeling_xgenmm.py": b"# remote code\n"})
+    add_snapshot(cache, REPO, request.getfixturevalue("tiny_ckpt"), MAIN,
+                 extra={"README.md": b"# model card\n", "modeling_xgenmm.py": b"# remote code\n"})
     v2 = make_tiny_checkpoint(root / "tl-2", temporal="tl", num_tokens=2, seed=1)
     add_snapshot(cache, REPO, v2, V2, refs=("v2",))
     return cache
+
+
+@pytest.fixture(scope="module")
+def hub_cache(request) -> Path:
+    return _hub_cache(request)
 
 
 @pytest.fixture(scope="module")
@@ -207,17 +213,30 @@ def _ask(*args: str) -> dict:
 
 def test_cli_ask_from_a_hub_id(offline, hub_answer, tiny_ckpt):
     """The Hub id answers as the same checkpoint given as a directory; --revision picks the other."""
-    from_dir = _ask("--model", str(tiny_ckpt))
+    with ThreadPoolExecutor(2) as pool:  # two independent CLI runs, side by side on the two cores
+        from_dir, v2 = pool.map(lambda args: _ask(*args), [("--model", str(tiny_ckpt)),
+                                                           ("--model", REPO, "--revision", "v2")])
     assert (hub_answer["answer"], hub_answer["video_tokens"]) == (from_dir["answer"], from_dir["video_tokens"])
     assert hub_answer["video_tokens"] == 16
-    assert _ask("--model", REPO, "--revision", "v2")["video_tokens"] == 2
+    assert v2["video_tokens"] == 2
+
+
+@head_start("hub_export")
+def _hub_export_job(request) -> tuple[Path, CliJob]:
+    """`blip3v export --model ORG/NAME --out DIR --json` in the cache's offline environment (as
+    `offline` sets it), started with the session: (DIR, the run)."""
+    cache = _hub_cache(request)
+    out = request.getfixturevalue("tmp_path_factory").mktemp("hub-engine") / "engine"
+    job = CliJob("export", "--model", REPO, "--out", out, "--json",
+                 env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    return out, in_background(job)
 
 
 @pytest.fixture(scope="module")
-def hub_export(offline, tmp_path_factory) -> tuple[Path, dict]:
-    """`blip3v export --model ORG/NAME --out DIR --json`: (DIR, the printed manifest)."""
-    out = tmp_path_factory.mktemp("hub-engine") / "engine"
-    proc = run_cli("export", "--model", REPO, "--out", out, "--json")
+def hub_export(offline, request) -> tuple[Path, dict]:
+    """(DIR, the printed manifest) of the export above."""
+    out, job = _hub_export_job(request)
+    proc = job.result()
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
 

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from blip3v.errors import EngineError, InputError
 from blip3v.runtime.generation import SamplingConfig
+from conftest import CliJob, head_start, in_background
 
 # At the default init (std 0.02) a 2-layer model says the same thing to every prompt: larger token
 # embeddings and attention projections make attention, and so the answer, depend on the input, while
@@ -37,8 +39,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           check=False, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+@head_start("checkpoint")
+def _checkpoint(request) -> Path:
     from blip3v.export.engine import preset_tokenizer
     from blip3v.model.checkpoint import save_checkpoint
     from blip3v.model.config import preset
@@ -51,17 +53,49 @@ def checkpoint(tmp_path_factory) -> Path:
         for name, p in model.named_parameters():
             if any(part in name for part in SCALED):
                 p.mul_(WEIGHT_SCALE)
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", preset_tokenizer(cfg))
+    return save_checkpoint(model, request.getfixturevalue("tmp_path_factory").mktemp("ckpt") / "tiny",
+                           preset_tokenizer(cfg))
 
 
 @pytest.fixture(scope="module")
-def engine_dir(checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    done = run_cli("export", "--model", str(checkpoint), "--out", str(out), "--json")
+def checkpoint(request) -> Path:
+    return _checkpoint(request)
+
+
+def _export_job(request, name: str, *options: str) -> tuple[Path, CliJob]:
+    """`blip3v export --model CHECKPOINT --json` into a new directory, queued to start with the session."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp("engines") / name
+    return out, in_background(CliJob("export", "--model", _checkpoint(request), "--out", out, "--json", *options,
+                                      timeout=300))
+
+
+@head_start("engine_dir")
+def _engine_job(request) -> tuple[Path, CliJob]:
+    return _export_job(request, "tiny")
+
+
+@head_start("standard_engine")
+def _standard_job(request) -> tuple[Path, CliJob]:
+    return _export_job(request, "std", "--attention", "standard")
+
+
+def _exported(out: Path, job: CliJob) -> tuple[Path, dict]:
+    done = job.result()
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)  # stdout holds only the JSON
     assert manifest["files"] and "decoder.onnx" in done.stderr  # --json: step lines on stderr, no bar
-    return out
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def engine_dir(request) -> Path:
+    return _exported(*_engine_job(request))[0]
+
+
+@pytest.fixture(scope="module")
+def standard_engine(request) -> tuple[Path, dict]:
+    """The same checkpoint exported with `--attention standard`: (DIR, its manifest)."""
+    return _exported(*_standard_job(request))
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +183,14 @@ def test_non_spinning_sessions_answer_the_same(backends, engine_dir):
     finally:
         ob.stop_ids, quiet.stop_ids = saved
 
-def test_standard_attention_engine_gives_the_same_tokens(backends, checkpoint, tmp_path):
+def test_standard_attention_engine_gives_the_same_tokens(backends, standard_engine):
     """The plain-ONNX decoder (for TensorRT and others) runs through the same runtime code."""
-    from blip3v.export.engine import export_engine
-    from blip3v.model.checkpoint import load_checkpoint, load_tokenizer
     from blip3v.runtime.ort_backend import OrtBackend
 
     tb, ob = backends
-    manifest = export_engine(load_checkpoint(checkpoint), load_tokenizer(checkpoint), tmp_path / "std",
-                             attention="standard")
+    std_dir, manifest = standard_engine
     assert manifest["decoder"]["attention"] == "standard"
-    std = OrtBackend.load(tmp_path / "std")
+    std = OrtBackend.load(std_dir)
     saved = without_stops(ob, std)
     try:
         px = pixels(tb, 2, seed=4)
@@ -217,9 +248,11 @@ def test_unavailable_device_is_an_engine_error(engine_dir):
 
 
 def test_cli_ask_with_engine_matches_torch(engine_dir, checkpoint, clip):
-    ort_run = run_cli("ask", str(clip), QUESTIONS[1], "--engine", str(engine_dir), "--json", "--max-new-tokens", "8")
+    with ThreadPoolExecutor(2) as pool:  # two independent CLI runs, side by side on the two cores
+        ort_run, torch_run = pool.map(lambda source: run_cli("ask", str(clip), QUESTIONS[1], *source, "--json",
+                                                             "--max-new-tokens", "8"),
+                                      [("--engine", str(engine_dir)), ("--model", str(checkpoint))])
     assert ort_run.returncode == 0, ort_run.stderr
-    torch_run = run_cli("ask", str(clip), QUESTIONS[1], "--model", str(checkpoint), "--json", "--max-new-tokens", "8")
     assert torch_run.returncode == 0, torch_run.stderr
     got, want = json.loads(ort_run.stdout), json.loads(torch_run.stdout)
     assert got["answer"] == want["answer"]

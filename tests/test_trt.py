@@ -1,7 +1,8 @@
 """Tests for the TensorRT path: the parser-compatibility check, profile/flag/provenance logic, the
 `blip3v build` CLI, mypy against tensorrt-stubs, and (marked `tensorrt`, GPU + TensorRT only) real builds.
 
-One tiny engine (tiny-none, `--attention standard`) is exported for the module (~20 s on CPU).
+One tiny engine (tiny-none, `--attention standard`) is exported for the module by the CLI (~20 s on
+CPU), started with the session (conftest's head starts).
 
     python -m pytest tests/test_trt.py -q
 """
@@ -24,21 +25,23 @@ from blip3v.export import trt_build
 from blip3v.export.trt_check import check_engine_dir, derive_profiles, fp32_pins
 from blip3v.runtime.manifest import MANIFEST_NAME, file_entries, load_manifest, write_manifest
 from blip3v.runtime.trt_backend import provenance_diff
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, CliJob, assert_one_line_error, head_start, in_background, run_cli
+
+
+@head_start("standard")
+def _standard_job(request) -> tuple[Path, CliJob]:
+    """`blip3v export --preset tiny-none --seed 0 --attention standard --max-context 64`, queued to
+    start with the session."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp("trt") / "tiny-none"
+    return out, in_background(CliJob("export", "--preset", "tiny-none", "--seed", "0", "--out", out,
+                                      "--attention", "standard", "--max-context", "64", "--quiet"))
 
 
 @pytest.fixture(scope="module")
-def standard(tmp_path_factory) -> Path:
-    import torch
-
-    from blip3v.export import engine
-    from blip3v.model.config import preset
-    from blip3v.model.xgenmm import XGenMMVideoModel
-
-    torch.manual_seed(0)
-    model = XGenMMVideoModel(preset("tiny-none")).eval()
-    out = tmp_path_factory.mktemp("trt") / "tiny-none"
-    engine.export_engine(model, engine.preset_tokenizer(model.config), out, attention="standard", max_context=64)
+def standard(request) -> Path:
+    out, job = _standard_job(request)
+    done = job.result()
+    assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 

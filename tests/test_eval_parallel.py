@@ -9,7 +9,7 @@ import pytest
 
 from blip3v.errors import InputError
 from blip3v.runtime.video import load_clip, prefetch_clips
-from tests.test_video_speed_paths import T, grey_clip
+from test_video_speed_paths import T, grey_clip
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,27 @@ def test_prefetch_then_runs_in_the_worker_and_errors_stay_in_place(tmp_path):
 
     with pytest.raises(RuntimeError, match="visual graph failed"):
         list(prefetch_clips(paths[:1], T, 16, then=fails))
+
+
+def test_eval_takes_the_video_options(synth_dir, tmp_path):
+    """`eval --video-decoder/--video-scaler/--aspect` reach the reader as `ask`'s do: cuda decoding
+    where this machine has none fails in one line, and the ffmpeg scaler with padding scores every
+    clip (its predictions are those of the same options in-process)."""
+    import json
+
+    from blip3v.assets import DEMO_ENGINE
+    from blip3v.data.evaluate import evaluate
+    from blip3v.runtime.session import Engine
+    from conftest import assert_one_line_error, run_clis
+
+    out = tmp_path / "predictions.jsonl"
+    cuda, padded = run_clis(("eval", "--engine", DEMO_ENGINE, "--data", synth_dir, "--video-decoder", "cuda", "--quiet"),
+                            ("eval", "--engine", DEMO_ENGINE, "--data", synth_dir, "--aspect", "pad",
+                             "--video-scaler", "ffmpeg", "--json", "--quiet", "--predictions", out))
+    assert_one_line_error(cuda, "cuda")
+    assert padded.returncode == 0, padded.stderr
+    assert json.loads(padded.stdout)["n"] == 6
+    backend = _backend(True)
+    backend.video_options = {"aspect": "pad", "scaler": "ffmpeg"}
+    here = evaluate(Engine(backend), synth_dir, progress=False)["predictions"]
+    assert [json.loads(line)["prediction"] for line in out.read_text().splitlines()] == [p["prediction"] for p in here]

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from blip3v.commands.ask import BACKENDS, open_backend, torch_options
+from blip3v.commands.ask import BACKENDS, open_backend, torch_options, video_options
 
 
 @click.command("eval")
@@ -17,6 +17,7 @@ from blip3v.commands.ask import BACKENDS, open_backend, torch_options
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Default: torch, or onnxruntime with --engine.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
               help="Where to run: auto = cuda when the backend sees a usable GPU, else cpu.")
+@video_options
 @torch_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Clips per batch.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N clips.")

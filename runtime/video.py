@@ -272,9 +272,9 @@ def load_clip(
     clock = _Clock(timings)
     fill = _pad_colour(mean)
     convert = _ScaleInDecoder(image_size, aspect, fill) if scaler == "ffmpeg" else None
-    # Each video frame is resized as soon as it is converted, on the thread that decoded it (while
-    # other decoders still run); kept by id with the image, so only images that reach the clip
-    # unchanged use it.
+    # Frames read by decoders side by side are resized as soon as they are converted, on the thread
+    # that decoded them (while other decoders still run); kept by id with the image, so only images
+    # that reach the clip unchanged use it. The rest are resized together at the end.
     early: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def finish(image: np.ndarray) -> None:
@@ -283,8 +283,10 @@ def load_clip(
     clip = _read(os.fspath(path), num_frames, decoder, convert, clock, notes, finish)
     start = time.perf_counter()
     images = _same_size(clip.images, *clip.images[clip.order[0]].shape[:2])  # as read_frames stacks them
-    resized = [early[id(f)][1] if id(f) in early and early[id(f)][0] is f else _resize(f, image_size, aspect, fill)
-               for f in images]  # each (S, S, 3)
+    resized = [early[id(f)][1] if id(f) in early and early[id(f)][0] is f else None for f in images]
+    late = [i for i, r in enumerate(resized) if r is None]
+    for i, r in zip(late, _resize_all([images[i] for i in late], image_size, aspect, fill)):
+        resized[i] = r  # each (S, S, 3)
     pixels = _normalise(np.stack([resized[i] for i in clip.order]), mean, std)
     clock.add("video_convert", start)
     return pixels
@@ -758,6 +760,7 @@ class _Converter:
 
     def __init__(self, convert, clock: _Clock, path: str, finish=None):
         self.convert, self.clock, self.path, self.finish = convert, clock, path, finish
+        self.parallel_finish = None  # what decoders side by side pass as their `finish`
         self.reformatter = av.video.reformatter.VideoReformatter()
 
     def __call__(self, frame) -> np.ndarray:
@@ -774,7 +777,8 @@ class _Converter:
 
 def _video_frames(path: str, num_frames: int, decoder: str, convert, clock: _Clock, notes, finish) -> _Clip:
     container, used = _open_container(path, decoder, clock, notes)
-    converter = _Converter(convert, clock, path, finish)
+    converter = _Converter(convert, clock, path)
+    converter.parallel_finish = finish  # for decoders side by side only (load_clip resizes the rest at once)
     try:
         with container:
             stream = _video_stream(container, path)
@@ -1133,7 +1137,7 @@ def _read_groups_in_parallel(path: str, table: _Table, groups: list[list[int]], 
         with lock:
             parts.append(timings)
         wclock = _Clock(timings)
-        wconvert = _Converter(convert.convert, wclock, path, convert.finish)
+        wconvert = _Converter(convert.convert, wclock, path, convert.parallel_finish)
         container = own = None
         try:
             start = time.perf_counter()
@@ -1352,6 +1356,43 @@ def _resize(frame: np.ndarray, size: int, aspect: str, fill: tuple[int, int, int
     if frame.shape[:2] == (size, size):
         return np.ascontiguousarray(frame)
     return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _resize_all(frames: list[np.ndarray], size: int, aspect: str, fill: tuple[int, int, int]) -> list[np.ndarray]:
+    """`_resize` of each frame, bit for bit, in two Pillow calls for all frames of one size.
+
+    Pillow resizes in two one-axis passes (horizontal, then vertical), each output row or column
+    depending only on its own input row or column, rounded to uint8 between the passes. So the
+    frames stacked one above the other take the horizontal pass together, and side by side the
+    vertical one: the same coefficients on the same pixels as frame by frame. For a small clip
+    that halves what the resize holds the GIL for (its coefficients and images are made once),
+    which decoders running side by side wait on (tests/test_video_speed_paths.py checks equality).
+    Pillow 13 runs the vertical pass first where the height shrinks by more than twice as many
+    pixels as the width (older Pillow never does); those frames are resized one by one, so each
+    Pillow keeps its own order."""
+    if len(frames) < 2 or any(f.shape != frames[0].shape for f in frames):
+        return [_resize(f, size, aspect, fill) for f in frames]
+    height, width = frames[0].shape[:2]
+    if aspect == "pad":
+        height = width = max(height, width)
+    if height - size > 0 and height - size > 2 * (width - size):
+        return [_resize(f, size, aspect, fill) for f in frames]
+    stack = np.stack(frames)  # (N, H, W, 3)
+    n = len(frames)
+    if stack.shape[1:3] != (height, width):  # pad: centred on a square of the fill colour
+        square = np.empty((n, height, width, 3), np.uint8)
+        square[:] = fill
+        top, left = (height - stack.shape[1]) // 2, (width - stack.shape[2]) // 2
+        square[:, top : top + stack.shape[1], left : left + stack.shape[2]] = stack
+        stack = square
+    if width != size:  # rows: frames one above the other, (N * H, W, 3) -> (N * H, S, 3)
+        tall = Image.fromarray(stack.reshape(n * height, width, 3))
+        stack = np.asarray(tall.resize((size, n * height), Image.Resampling.BICUBIC)).reshape(n, height, size, 3)
+    if height != size:  # columns: frames side by side, (H, N * S, 3) -> (S, N * S, 3)
+        wide = Image.fromarray(np.ascontiguousarray(stack.transpose(1, 0, 2, 3)).reshape(height, n * size, 3))
+        stack = np.asarray(wide.resize((n * size, size), Image.Resampling.BICUBIC))
+        stack = stack.reshape(size, n, size, 3).transpose(1, 0, 2, 3)  # (N, S, S, 3)
+    return list(stack)
 
 
 def _normalise(resized: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

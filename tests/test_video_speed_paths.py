@@ -285,6 +285,22 @@ def test_timings_report_every_part(tmp_path):
     assert set(timings) == set(video.TIMING_KEYS) and timings["video_decode"] > 0
 
 
+@pytest.mark.parametrize("height,width", [(128, 128), (48, 64), (1, 1), (65, 63), (360, 640), (300, 40), (7, 500)])
+@pytest.mark.parametrize("aspect", ["squash", "pad"])
+def test_frames_resized_together_equal_frame_by_frame(height, width, aspect):
+    """`_resize_all` (two Pillow calls for all frames) gives `_resize`'s pixels for every frame, bit
+    for bit, downscaling and upscaling, including shapes where Pillow 13 runs its vertical pass
+    first (300 x 40; resized one by one there)."""
+    rng = np.random.default_rng(height * 1000 + width)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(3)]
+    for size in (16, 64, 96):
+        together = video._resize_all(frames, size, aspect, (127, 127, 127))
+        assert len(together) == 3
+        for frame, got in zip(frames, together):
+            assert got.shape == (size, size, 3) and got.dtype == np.uint8
+            np.testing.assert_array_equal(got, video._resize(frame, size, aspect, (127, 127, 127)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Options
 

@@ -743,13 +743,7 @@ class _ScaleInDecoder:
                                    interpolation="BICUBIC").to_ndarray()  # (h, w, 3)
         if turns:
             rgb = np.rot90(rgb, turns)
-        if rgb.shape[:2] == (s, s):
-            return rgb
-        out = np.empty((s, s, 3), np.uint8)
-        out[:] = self.fill
-        top, left = (s - rgb.shape[0]) // 2, (s - rgb.shape[1]) // 2
-        out[top : top + rgb.shape[0], left : left + rgb.shape[1]] = rgb
-        return out
+        return _pad_square(rgb, self.fill)  # the longer side is already S
 
 
 class _Converter:
@@ -1345,17 +1339,24 @@ def _pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
 
 def _resize(frame: np.ndarray, size: int, aspect: str, fill: tuple[int, int, int]) -> np.ndarray:
     """(H, W, 3) uint8 → (S, S, 3) uint8 by Pillow bicubic (antialiased when shrinking)."""
-    height, width = frame.shape[:2]
-    if aspect == "pad" and height != width:
-        side = max(height, width)
-        square = np.empty((side, side, 3), np.uint8)
-        square[:] = fill
-        top, left = (side - height) // 2, (side - width) // 2
-        square[top : top + height, left : left + width] = frame
-        frame = square
+    if aspect == "pad":
+        frame = _pad_square(frame, fill)
     if frame.shape[:2] == (size, size):
         return np.ascontiguousarray(frame)
     return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _pad_square(x: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """(..., H, W, 3) uint8 centred on a square of `fill`: (..., side, side, 3), side = max(H, W)."""
+    height, width = x.shape[-3:-1]
+    if height == width:
+        return x
+    side = max(height, width)
+    square = np.empty((*x.shape[:-3], side, side, 3), np.uint8)
+    square[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    square[..., top : top + height, left : left + width, :] = x
+    return square
 
 
 def _resize_all(frames: list[np.ndarray], size: int, aspect: str, fill: tuple[int, int, int]) -> list[np.ndarray]:
@@ -1379,12 +1380,8 @@ def _resize_all(frames: list[np.ndarray], size: int, aspect: str, fill: tuple[in
         return [_resize(f, size, aspect, fill) for f in frames]
     stack = np.stack(frames)  # (N, H, W, 3)
     n = len(frames)
-    if stack.shape[1:3] != (height, width):  # pad: centred on a square of the fill colour
-        square = np.empty((n, height, width, 3), np.uint8)
-        square[:] = fill
-        top, left = (height - stack.shape[1]) // 2, (width - stack.shape[2]) // 2
-        square[:, top : top + stack.shape[1], left : left + stack.shape[2]] = stack
-        stack = square
+    if aspect == "pad":
+        stack = _pad_square(stack, fill)  # (N, side, side, 3)
     if width != size:  # rows: frames one above the other, (N * H, W, 3) -> (N * H, S, 3)
         tall = Image.fromarray(stack.reshape(n * height, width, 3))
         stack = np.asarray(tall.resize((size, n * height), Image.Resampling.BICUBIC)).reshape(n, height, size, 3)

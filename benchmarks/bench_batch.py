@@ -7,7 +7,8 @@ clips, questions and engine.
 
 Each path answers every clip of a fresh synthetic corpus (`blip3v data synth`, --n clips) with the
 same 2 questions, greedy. The engine is opened before the clock starts for the sequential and the
-default path (both run it in this process); the Ray path is timed from a running local Ray
+default path (both run it in this process; the default path's as `blip3v batch` opens it, clips
+encoded side by side on the CPU); the Ray path is timed from a running local Ray
 (`ray.init` before the clock) through actor start-up, which opens its own engine, to the last row.
 Paths run in turns (sequential, default, Ray, repeated), so a machine shared with other work
 slows them alike; the median of --repeats is reported, and every path's answers must equal the
@@ -99,6 +100,11 @@ def main() -> None:
         t0 = time.perf_counter()
         engine = Engine.open(engine=args.engine)
         open_s = time.perf_counter() - t0
+        # The default path on the engine as `blip3v batch` opens it: on the CPU, clips go through
+        # the visual graph in threads side by side (OrtBackend parallel_clips).
+        from blip3v.runtime.ort_backend import OrtBackend
+
+        side_by_side = Engine(OrtBackend.load(args.engine, spinning=False, parallel_clips=True))
         kinds = ["sequential", "default"] + ([] if args.no_ray else ["ray"])
         ray_init_s = None
         if not args.no_ray:
@@ -117,7 +123,8 @@ def main() -> None:
                     if kind == "sequential":
                         seconds, answers = sequential(engine, clips, sampling)
                     else:
-                        seconds, answers = batch_path(kind, engine, args.engine, clips, sampling, Path(tmp),
+                        seconds, answers = batch_path(kind, side_by_side if kind == "default" else engine,
+                                                      args.engine, clips, sampling, Path(tmp),
                                                       workers=workers, actors=args.ray_actors,
                                                       batch_size=args.ray_batch_size)
                     reference = reference or answers

@@ -12,7 +12,10 @@ What runs where. Reading a video and sampling its frames (PyAV decode + resize, 
 `decode_video` stage) is CPU work that needs no model, so it runs in worker processes
 (`decode_clip`), `in_flight` clips ahead of the engine; the engine lives in the calling process
 and answers every question of a clip through the session API (`answer_clip`: one `Clip`, its
-prompt prefix reused by the questions after the first, exactly as `blip3v ask` does). The Ray
+prompt prefix reused by the questions after the first, exactly as `blip3v ask` does). On an
+ONNX Runtime CPU engine opened with `parallel_clips` (as `blip3v batch` opens it), the decoded
+clips run through the visual graph in threads side by side (`encode_clip`), one intra-op thread
+each, while the calling thread answers the clips already encoded. The Ray
 path (blip3v.runtime.batch_ray) runs the same two functions as a Ray Data CPU stage and an
 actor-pool stage.
 
@@ -42,7 +45,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -562,14 +565,24 @@ def clip_from_pixels(engine: Any, pixels: np.ndarray, decode_ms: float, key: str
     return Clip(engine, key, video, {"decode_video": decode_ms, "visual": (time.perf_counter() - t0) * 1e3})
 
 
-def answer_clip(engine: Any, task: ClipTask, decoded: Decoded, sampling: Any) -> list[dict]:
-    """The rows of one clip: every pending question through the session API, or error rows."""
+def encode_clip(engine: Any, task: ClipTask, decoded: Decoded) -> Any:
+    """The session `Clip` of a decoded clip, or the one line saying why there is none. Touches only
+    the host's visual graph, so on an engine opened with `parallel_clips` threads may run it side by
+    side (`run_local`)."""
     if decoded.pixels is None:
-        return [error_row(task.video, q, decoded.error or "unknown error", decoded.decode_ms) for q in task.questions]
+        return decoded.error or "unknown error"
     try:
-        clip = clip_from_pixels(engine, decoded.pixels, decoded.decode_ms, f"batch:{task.path}")
+        return clip_from_pixels(engine, decoded.pixels, decoded.decode_ms, f"batch:{task.path}")
     except InputError as exc:
-        return [error_row(task.video, q, one_line(str(exc)), decoded.decode_ms) for q in task.questions]
+        return one_line(str(exc))
+
+
+def answer_clip(engine: Any, task: ClipTask, decoded: Decoded, sampling: Any, clip: Any = None) -> list[dict]:
+    """The rows of one clip: every pending question through the session API, or error rows.
+    `clip`: what `encode_clip` gave for it, when that already ran elsewhere."""
+    clip = encode_clip(engine, task, decoded) if clip is None else clip
+    if isinstance(clip, str):
+        return [error_row(task.video, q, clip, decoded.decode_ms) for q in task.questions]
     rows = []
     for question in task.questions:
         try:
@@ -719,17 +732,37 @@ def run_local(tasks: list[ClipTask], settings: VideoSettings, open_engine: Calla
             raise EngineError(f"the model's frame sampling {VideoSettings.of_host(engine.host)} differs from "
                               f"what its files said ({settings}): did they change during the run?")
 
-        def handle(task: ClipTask, decoded: Decoded) -> None:
-            rows = answer_clip(engine, task, decoded, sampling)
+        def handle(task: ClipTask, decoded: Decoded, clip: Any = None) -> None:
+            rows = answer_clip(engine, task, decoded, sampling, clip)
             results.write(rows)
             summary.add(rows)
             bar.update(1)
             if summary.errors:
                 bar.set_postfix(errors=summary.errors, refresh=False)
 
+        # An ONNX Runtime CPU engine opened with `parallel_clips`: decoded clips go through the
+        # visual graph in `encode_workers` threads side by side, this thread answers them in order.
+        workers_here = int(getattr(getattr(engine, "host", None), "encode_workers", 0) or 0)
         if decoders is None:
             for task in tasks:
                 handle(task, decode_clip(task.path, settings))
+        elif workers_here:
+            encoders = cf.ThreadPoolExecutor(workers_here, thread_name_prefix="blip3v-encode")
+            pending: deque[tuple[ClipTask, Decoded, cf.Future]] = deque()
+            try:
+                while decoders or pending:
+                    if decoders and len(pending) < 2 * workers_here:
+                        for task, decoded in decoders.next_done():
+                            pending.append((task, decoded, encoders.submit(encode_clip, engine, task, decoded)))
+                        while pending and pending[0][2].done():
+                            task, decoded, future = pending.popleft()
+                            handle(task, decoded, future.result())
+                    else:  # enough encodings under way (or no more to come): answer the oldest
+                        task, decoded, future = pending.popleft()
+                        handle(task, decoded, future.result())
+            finally:
+                encoders.shutdown(wait=True, cancel_futures=True)
+            summary.decoder_restarts = decoders.restarts
         else:
             while decoders:
                 for task, decoded in decoders.next_done():

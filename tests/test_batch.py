@@ -221,11 +221,20 @@ def test_killed_run_resumes_without_redoing_rows(corpus, demo_engine, expected, 
     assert not journal.exists() or suffix == ".jsonl"
 
 
-def test_killed_decoding_worker_costs_only_a_retry(corpus, engine, expected, tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["encode-here", "encode-side-by-side"])
+def test_killed_decoding_worker_costs_only_a_retry(corpus, engine, demo_engine, expected, tmp_path, parallel):
     """A decoding process that dies (here: SIGKILL from outside) breaks the process pool; the clips
-    in flight are decoded again, one at a time, and none is lost or turned into an error row."""
+    in flight are decoded again, one at a time, and none is lost or turned into an error row. Also
+    with the clips encoded in threads side by side (an engine opened with `parallel_clips`, as
+    `blip3v batch` opens it on the CPU)."""
     import multiprocessing
 
+    if parallel:
+        from blip3v.runtime.ort_backend import OrtBackend
+        from blip3v.runtime.session import Engine
+
+        engine = Engine(OrtBackend.load(demo_engine, spinning=False, parallel_clips=True))
+        assert engine.host.encode_workers >= 2
     videos = read_videos(str(corpus / "clips"), QUESTIONS)
     settings = VideoSettings.of_host(engine.host)
     out = tmp_path / "answers.jsonl"

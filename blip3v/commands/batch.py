@@ -108,7 +108,7 @@ def command(videos: str, questions: tuple[str, ...], out: Path, model, engine, b
         else:
             summary = batch.run_local(
                 tasks, settings, lambda: open_engine(model, engine, backend, device, dtype, decoder, weights, group_size,
-                                                   spinning=False),
+                                                   spinning=False, parallel_clips=True),
                 sampling, results, workers=workers, in_flight=in_flight, progress=not quiet)
         results.finish(batch.input_order(wanted))
     summary.skipped = skipped

@@ -547,6 +547,13 @@ def _image_frames(image: Image.Image, path: str, num_frames: int, clock: _Clock)
 # Videos (PyAV): opening, decoding, converting
 
 
+def hardware_decoder_problem(device: str = "cuda") -> str | None:
+    """None where `decoder="cuda"` can open its device here, else why not (one line): what
+    `decoder="auto"` falls back to the CPU for. Checked once per process."""
+    hw = _hwaccel(device, software_fallback=False)
+    return hw if isinstance(hw, str) else None
+
+
 def _hwaccel(device: str, software_fallback: bool):
     """A PyAV HWAccel for `device`, or the reason there is none (str)."""
     hwaccel = getattr(getattr(av, "codec", None), "hwaccel", None)

@@ -314,7 +314,7 @@ def test_bad_option_values_are_one_line_input_errors(tmp_path):
 
 
 def cuda_decoder_works() -> bool:
-    return not isinstance(video._hwaccel("cuda", software_fallback=False), str)
+    return video.hardware_decoder_problem("cuda") is None
 
 
 def test_cuda_decoder_without_a_gpu_is_one_line_error(tmp_path):
@@ -340,6 +340,25 @@ def test_auto_decoder_falls_back_with_a_note(tmp_path, capfd):
         np.testing.assert_array_equal(got, read_frames(path, T))
         assert len(notes) == 1 and "CPU" in notes[0]
     assert capfd.readouterr().err == ""  # no FFmpeg or Python noise on stderr
+
+
+def test_cli_says_when_auto_decodes_on_the_cpu(tmp_path):
+    """`--video-decoder auto` where no hardware decoder opens: one note on stderr (said off a
+    terminal too: the user asked by name), the answer and --json on stdout as without it."""
+    import json
+
+    from blip3v.assets import DEMO_ENGINE, SAMPLE_CLIP
+    from conftest import run_cli
+
+    proc = run_cli("ask", SAMPLE_CLIP, "what colour is the square?", "--engine", DEMO_ENGINE, "--video-decoder",
+                   "auto", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: --video-decoder auto")]
+    if cuda_decoder_works():
+        assert not notes, proc.stderr
+    else:
+        assert len(notes) == 1 and "decoding on the CPU" in notes[0], proc.stderr
 
 
 def pillow_pad_reference(frame: np.ndarray, size: int, colour: tuple[int, int, int]) -> np.ndarray:

@@ -129,6 +129,12 @@ def open_engine(model, engine, backend, device, dtype=None, decoder="auto", weig
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.meta.get(VIDEO_KEY):
         host.video_options = dict(ctx.meta[VIDEO_KEY])
+        if host.video_options.get("decoder") == "auto":
+            from blip3v.runtime.video import hardware_decoder_problem
+
+            problem = hardware_decoder_problem()
+            if problem:  # asked for by name, so said even off a terminal (stderr: --json stays clean)
+                click.echo(f"note: --video-decoder auto: decoding on the CPU, {problem}", err=True)
     return Engine(host)
 
 

@@ -28,7 +28,10 @@ S)`, `encode_video(pixels (B, T, 3, S, S)) -> video (B, M, D)`, `encode_prompt(q
 decoder interface of blip3v.runtime.decoding. OrtBackend, TrtBackend and TorchBackend all are.
 
 Thread safety: none of these objects is thread-safe. Use one Engine (and its clips) from one thread
-at a time; the server runs every request through one worker thread that owns the Engine.
+at a time; the server runs every request through one worker thread that owns the Engine. The one
+exception is a host's `encode_video` on an ONNX Runtime CPU engine opened with `parallel_clips`
+(`host.encode_workers` > 0): eval and batch call it from that many threads at once, then answer
+with `Engine.answer_encoded` (or a `Clip`) from one thread.
 """
 
 from __future__ import annotations

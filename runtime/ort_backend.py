@@ -143,8 +143,8 @@ class OrtBackend(EngineHost):
         the visual graph runs on the calling thread alone, so `encode_workers` threads each encode
         their own clip side by side (ONNX Runtime sessions take concurrent runs). Per clip that
         costs less CPU than one clip spread over every core: on the dev box's 2 cores the demo
-        engine's visual graph took 7.0 ms of CPU per clip on one thread and 10.1 ms on two, where
-        the small ops leave the second thread waiting (benchmarks/RESULTS.md, video input)."""
+        engine's visual graph took 6.6-7.0 ms of CPU per clip on one thread and 9.6-10.1 ms on two,
+        where the small ops leave the second thread waiting (benchmarks/eval_parts.py)."""
         self._read_manifest(manifest)
         self.device = device
         self.spinning = spinning

@@ -143,7 +143,7 @@ def test_bench_decode_bad_lm(tmp_path):
     assert_one_line_error(tvm, "tvm")
 
 
-@pytest.mark.parametrize("script", ["ablation.py", "token_probe.py", "awq_first_tokens.py"])
+@pytest.mark.parametrize("script", ["ablation.py", "token_probe.py", "awq_first_tokens.py", "eval_parts.py"])
 def test_study_scripts_explain_themselves(script):
     """The scripts behind RESULTS.md's study figures import and document their command line."""
     import sys
